@@ -1,0 +1,168 @@
+"""Command lines of the top-level scripts: parse, call the package, map errors to exit codes.
+
+Every run option is a RunConfig field, so the same flags work on the runner and the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import RunConfig, add_run_options, apply_preset, config_from_args, load_presets
+from .errors import EXIT_USAGE, ConfigError, UserError
+
+
+def door(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
+        try:
+            return main(argv)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted: child processes stopped; partial results are kept", file=sys.stderr)
+            return 130
+
+    return wrapped
+
+
+def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
+    group = parser.add_argument_group("transport security")
+    group.add_argument("--insecure", action="store_true", help="plaintext, for a trusted network or loopback only")
+    group.add_argument("--root-certificates", "--ssl-ca-certfile", dest="ca_cert", help="CA certificate (PEM)")
+    if server:
+        group.add_argument("--ssl-certfile", help="SuperLink certificate (PEM)")
+        group.add_argument("--ssl-keyfile", help="SuperLink private key (PEM)")
+
+
+def _tls(args: argparse.Namespace, server: bool):
+    from .flower.runtime import Tls
+
+    if args.insecure:
+        print("warning: --insecure: traffic between SuperLink and SuperNodes is not encrypted", file=sys.stderr)
+        return None
+    needed = [args.ca_cert] + ([args.ssl_certfile, args.ssl_keyfile] if server else [])
+    if not all(needed):
+        flags = "--ssl-ca-certfile, --ssl-certfile and --ssl-keyfile" if server else "--root-certificates"
+        raise ConfigError(f"pass {flags} for TLS, or --insecure for plaintext on a trusted network")
+    for path in needed:
+        if not Path(path).is_file():
+            raise ConfigError(f"certificate file {path} not found")
+    if server:
+        return Tls(Path(args.ca_cert), Path(args.ssl_certfile), Path(args.ssl_keyfile))
+    return Tls(Path(args.ca_cert))
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    base = apply_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
+    return config_from_args(args, base)
+
+
+# --- run_federated_mergenet.py ---------------------------------------------------------
+def runner_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_federated_mergenet.py",
+        description="Federated MergeNet in one command: FedAvg over MobileNetV2 clients with MergeNet fusion "
+                    "from a frozen ResNet50, in Flower's simulation engine (default) or deployment runtime.",
+    )
+    parser.add_argument("--preset", choices=sorted(load_presets()), default="quick",
+                        help="quick: offline Fashion-MNIST subset on CPU (default); paper: CIFAR-100 as in the write-up")
+    parser.add_argument("--mode", choices=("simulation", "deployment"), default="simulation")
+    parser.add_argument("--suite", action="store_true", help="run central, central+MergeNet, FedAvg, FedAvg+MergeNet, then the report")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds for --suite (default: --seed)")
+    parser.add_argument("--central", action="store_true", help="run the single-machine baseline instead")
+    parser.add_argument("--cotrain-teacher", action="store_true", help="central MergeNet: train the teacher alongside, as the original")
+    parser.add_argument("--pretrain-teacher", action="store_true", help="only pretrain the teacher checkpoint")
+    parser.add_argument("--compare", action="store_true", help="write the comparison report of results/ afterwards")
+    parser.add_argument("--server_address", "--server-address", default="127.0.0.1:9092",
+                        help="deployment mode: where the SuperLink listens (HOST:PORT)")
+    parser.add_argument("--results-root", default="results/suite", help="where --suite writes its runs")
+    add_run_options(parser)
+    return parser
+
+
+@door
+def runner_main(argv: Sequence[str] | None = None) -> int:
+    args = runner_parser().parse_args(argv)
+    cfg = _config(args)
+    from .experiments.teacher import ensure_teacher, pretrain_teacher
+
+    if args.pretrain_teacher:
+        pretrain_teacher(cfg)
+        return 0
+    if args.suite:
+        from .experiments.suite import run_suite
+
+        run_suite(cfg, args.seeds or [cfg.seed], Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
+        return 0
+    if cfg.fusion:
+        ensure_teacher(cfg)
+    if args.central:
+        from .experiments.baseline import run_central
+
+        out = run_central(cfg, mergenet=cfg.fusion, cotrain_teacher=args.cotrain_teacher)
+    elif args.mode == "deployment":
+        from .experiments.deployment import run_deployment
+
+        out = run_deployment(cfg, args.server_address)
+    else:
+        from .experiments.federated import run_simulation
+
+        out = run_simulation(cfg)
+    print(f"results: {out}")
+    if args.compare:
+        from .report import write_report
+
+        report = write_report([Path("results")], Path("results/comparison"))
+        print(f"report: {report.path}\n{report.conclusion}")
+    return 0
+
+
+# --- federated_mergenet_server.py ------------------------------------------------------
+@door
+def server_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="federated_mergenet_server.py",
+        description="Start a Flower SuperLink, wait for the clients, run federated MergeNet, stream its log.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for other machines)")
+    parser.add_argument("--port", type=int, default=9092, help="the SuperLink's one port")
+    parser.add_argument("--preset", choices=sorted(load_presets()), default="quick")
+    _tls_options(parser, server=True)
+    add_run_options(parser)
+    args = parser.parse_args(argv)
+    cfg = _config(args)
+    tls = _tls(args, server=True)
+    from .experiments.federated import serve
+
+    out = serve(cfg, host=args.host, port=args.port, tls=tls)
+    print(f"results: {out}")
+    return 0
+
+
+# --- federated_mergenet_client.py ------------------------------------------------------
+@door
+def client_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="federated_mergenet_client.py",
+        description="Start one federated MergeNet client (a Flower SuperNode) serving one data partition.",
+    )
+    parser.add_argument("--client_id", "--client-id", type=int, required=True, help="this client's partition, 0..N-1")
+    parser.add_argument("--num_clients", "--num-clients", type=int, default=3, help="number of partitions N")
+    parser.add_argument("--server_address", "--server-address", default="127.0.0.1:9092", help="the SuperLink (HOST:PORT)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (falls back to cpu without a GPU) or auto")
+    parser.add_argument("--port", type=int, default=0, help="this SuperNode's local port (default: a free one)")
+    parser.add_argument("--max-wait-time", type=float, default=60.0,
+                        help="seconds to keep reconnecting once the server is gone")
+    _tls_options(parser, server=False)
+    args = parser.parse_args(argv)
+    tls = _tls(args, server=False)
+    from .experiments.federated import join
+
+    return join(args.client_id, args.num_clients, args.server_address, args.device, args.port, tls, args.max_wait_time)

@@ -1,0 +1,294 @@
+"""One typed configuration for every entry point.
+
+`RunConfig` is the single definition of a run option: the command-line flags, the Flower
+run-config keys (``[tool.flwr.app.config]``, kebab-case) and the presets are derived from
+its fields. Its defaults are the offline "quick" setting that runs on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "config"
+ADAPTER_CONFIG_FILE = CONFIG_DIR / "param_attention_config.yaml"
+PRESETS_FILE = CONFIG_DIR / "federated_mergenet.yaml"
+
+DATASETS = ("cifar100", "fashion-mnist")
+DEVICES = ("cpu", "cuda", "auto")
+FUSION_MODES = ("gated", "replace")
+
+
+@dataclass
+class AdapterConfig:
+    """ParamAttention and its optimiser; mirrors config/param_attention_config.yaml."""
+
+    d_attention: int = 64
+    h: int = 8
+    num_layers: int = 2
+    lr: float = 0.001
+    weight_decay: float = 0.0005
+    clip_norm: float = 50.0
+    warmup_updates: int = 4
+    f: int = 1
+    mode: str = "gated"
+
+    @classmethod
+    def from_yaml(cls, path: Path = ADAPTER_CONFIG_FILE) -> AdapterConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown adapter option(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class RunConfig:
+    """Every option of a run. Field ``foo_bar`` is flag ``--foo-bar`` and run-config key ``foo-bar``."""
+
+    # Data
+    dataset: str = "fashion-mnist"
+    data_dir: str = "data"
+    train_limit: int = 1500  # 0 = the whole training set
+    test_limit: int = 500  # 0 = the whole test set
+    val_fraction: float = 0.1  # each client's local validation split
+    # Federation
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    num_clients: int = 3
+    clients_per_round: int = 0  # 0 = every client
+    min_clients: int = 0  # 0 = clients_per_round (or every client)
+    alpha: float = 0.0  # Dirichlet label skew; 0 = IID
+    # Local optimiser, as the single-machine MergeNet baseline
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: str = "60,120,160"  # global epochs
+    lr_gamma: float = 0.2
+    # MergeNet fusion
+    fusion: bool = True
+    fusion_start_round: int = 2
+    fusion_frequency: int = 1
+    fusion_mode: str = "gated"
+    fusion_batches: int = 16  # central baseline: fuse every this many batches
+    adapter_lr: float = 0.001
+    adapter_heads: int = 8
+    adapter_layers: int = 2
+    adapter_warmup: int = 4
+    adapter_clip: float = 50.0
+    adapter_weight_decay: float = 0.0005
+    # Teacher
+    teacher_checkpoint: str = ""  # "" = checkpoints/teacher_resnet50_<dataset>.pt
+    random_teacher: bool = False
+    teacher_epochs: int = 1
+    # Runtime
+    output_dir: str = ""  # "" = results/<arm>
+    seed: int = 0
+    device: str = "cpu"  # client training device
+    server_device: str = "auto"  # fusion and central evaluation
+    round_timeout: float = 3600.0  # seconds a train/evaluate phase may take
+    node_wait_timeout: float = 300.0  # seconds to wait for the minimum of clients
+    eval_batch_size: int = 256
+    resume: bool = False  # continue the run in output_dir from its last completed round
+
+    # --- derived values -------------------------------------------------------------
+    @property
+    def milestones(self) -> list[int]:
+        return [int(m) for m in str(self.lr_milestones).split(",") if m.strip()]
+
+    @property
+    def arm(self) -> str:
+        return "fedavg_mergenet" if self.fusion else "fedavg"
+
+    @property
+    def sample_size(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def min_available(self) -> int:
+        return self.min_clients or self.sample_size
+
+    def teacher_path(self) -> Path:
+        return Path(self.teacher_checkpoint or f"checkpoints/teacher_resnet50_{self.dataset}.pt")
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"results/{self.arm}")
+
+    def adapter(self) -> AdapterConfig:
+        return AdapterConfig(
+            h=self.adapter_heads,
+            num_layers=self.adapter_layers,
+            lr=self.adapter_lr,
+            weight_decay=self.adapter_weight_decay,
+            clip_norm=self.adapter_clip,
+            warmup_updates=self.adapter_warmup,
+            f=self.fusion_batches,
+            mode=self.fusion_mode,
+        )
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- Flower run config -------------------------------------------------------------
+    def to_run_config(self) -> dict[str, Any]:
+        return {key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config`` (kebab-case keys, TOML scalars)."""
+        values = {}
+        for f in fields(cls):
+            key = key_of(f.name)
+            if key in run_config:
+                values[f.name] = _coerce(f, run_config[key])
+        return cls(**values)
+
+
+def key_of(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Reject options out of range with one line a user can act on."""
+    checks = [
+        (cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}"),
+        (cfg.device in DEVICES, f"unknown device {cfg.device!r}; choose one of {', '.join(DEVICES)}"),
+        (cfg.server_device in DEVICES, f"unknown server device {cfg.server_device!r}; choose one of {', '.join(DEVICES)}"),
+        (cfg.fusion_mode in FUSION_MODES, f"unknown fusion mode {cfg.fusion_mode!r}; choose one of {', '.join(FUSION_MODES)}"),
+        (cfg.rounds >= 1, f"--rounds must be at least 1 (got {cfg.rounds})"),
+        (cfg.local_epochs >= 1, f"--local-epochs must be at least 1 (got {cfg.local_epochs})"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})"),
+        (cfg.num_clients >= 1, f"--num-clients must be at least 1 (got {cfg.num_clients})"),
+        (cfg.alpha >= 0, f"--alpha must be > 0 (got {cfg.alpha})"),
+        (0 <= cfg.clients_per_round <= cfg.num_clients,
+         f"--clients-per-round ({cfg.clients_per_round}) cannot exceed --num-clients ({cfg.num_clients})"),
+        (0 <= cfg.min_clients <= cfg.num_clients,
+         f"--min-clients ({cfg.min_clients}) cannot exceed --num-clients ({cfg.num_clients})"),
+        (cfg.fusion_start_round >= 1, f"--fusion-start-round must be at least 1 (got {cfg.fusion_start_round})"),
+        (cfg.fusion_frequency >= 1, f"--fusion-frequency must be at least 1 (got {cfg.fusion_frequency})"),
+        (cfg.fusion_batches >= 1, f"--fusion-batches must be at least 1 (got {cfg.fusion_batches})"),
+        (cfg.train_limit >= 0 and cfg.test_limit >= 0, "--train-limit and --test-limit must be >= 0"),
+        (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
+        (cfg.round_timeout > 0 and cfg.node_wait_timeout > 0, "timeouts must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        cfg.milestones
+    except ValueError as exc:
+        raise ConfigError(f"--lr-milestones must be comma-separated integers (got {cfg.lr_milestones!r})") from exc
+    return cfg
+
+
+# --- presets -------------------------------------------------------------------------
+def load_presets(path: Path = PRESETS_FILE) -> dict[str, dict[str, Any]]:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return {name: dict(values or {}) for name, values in data.get("presets", {}).items()}
+
+
+def apply_preset(name: str, base: RunConfig | None = None) -> RunConfig:
+    presets = load_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    known = {f.name for f in fields(RunConfig)}
+    overrides = {k.replace("-", "_"): v for k, v in presets[name].items()}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"{PRESETS_FILE}: preset {name!r} sets unknown option(s) {', '.join(unknown)}")
+    return (base or RunConfig()).replace(**overrides)
+
+
+# --- command line ----------------------------------------------------------------------
+# Extra spellings users of the original scripts know.
+FLAG_ALIASES = {"num_clients": ["--num_clients"], "fusion": ["--no-fusion"]}
+FLAG_HELP = {
+    "dataset": "dataset: fashion-mnist (offline here) or cifar100",
+    "data_dir": "where datasets are read from / downloaded to",
+    "train_limit": "use this many training images (0 = all), chosen by seed",
+    "test_limit": "use this many test images (0 = all), chosen by seed",
+    "rounds": "federated rounds",
+    "local_epochs": "local epochs per round",
+    "num_clients": "number of clients (data partitions)",
+    "clients_per_round": "clients sampled per round (0 = all)",
+    "min_clients": "minimum connected clients before a round starts (0 = clients per round)",
+    "alpha": "Dirichlet label-skew concentration (> 0); leave unset for IID",
+    "fusion": "disable MergeNet fusion (plain FedAvg)",
+    "fusion_start_round": "first round whose average is fused",
+    "fusion_frequency": "fuse every this many rounds",
+    "fusion_mode": "gated (starts at identity) or replace (the original MergeNet)",
+    "teacher_checkpoint": "teacher ResNet50 checkpoint (default checkpoints/teacher_resnet50_<dataset>.pt)",
+    "random_teacher": "smoke tests only: use an untrained teacher (recorded in the results)",
+    "output_dir": "where metrics.jsonl, summary.json and models go",
+    "device": "client training device: cpu, cuda or auto",
+}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per RunConfig field; unset flags stay None so presets can fill them."""
+    group = parser.add_argument_group("run options")
+    for f in fields(RunConfig):
+        flag = "--" + key_of(f.name)
+        help_text = FLAG_HELP.get(f.name, f"(default {f.default})")
+        if f.name == "fusion":
+            group.add_argument("--no-fusion", dest="fusion", action="store_const", const=False, default=None, help=help_text)
+            continue
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            continue
+        names = [flag] + FLAG_ALIASES.get(f.name, [])
+        group.add_argument(*names, dest=f.name, type={"int": int, "float": float}.get(kind, str), default=None,
+                           help=help_text)
+
+
+def to_flags(cfg: RunConfig) -> list[str]:
+    """The command-line flags that reproduce ``cfg`` (for child processes)."""
+    flags: list[str] = []
+    for f in fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "fusion":
+            flags += [] if value else ["--no-fusion"]
+        elif isinstance(value, bool):
+            flags += ["--" + key_of(f.name)] if value else []
+        else:
+            flags += ["--" + key_of(f.name), str(value)]
+    return flags
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """Explicit flags override the base (a preset or the defaults)."""
+    base = base or RunConfig()
+    changes = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    if "alpha" in changes and changes["alpha"] <= 0:
+        raise ConfigError(f"--alpha must be > 0 (got {changes['alpha']}); leave it unset for IID partitions")
+    return validate(base.replace(**changes))
+
+
+__all__ = [
+    "AdapterConfig", "RunConfig", "validate", "apply_preset", "load_presets", "add_run_options",
+    "config_from_args", "key_of", "DATASETS", "DEVICES", "FUSION_MODES",
+]

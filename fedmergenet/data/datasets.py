@@ -1,0 +1,343 @@
+"""Image datasets as uint8 tensors, and the loaders that feed them to a model.
+
+Both datasets end up in one shape, uint8 [N, 3, 32, 32], so that the same
+MobileNetV2 student and ResNet50 teacher fit either of them without changes.
+Files are read by our own small readers: torchvision's dataset classes check the md5
+of the whole archive, which would refuse the tiny files the tests write.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fedmergenet.errors import ConfigError, DatasetError
+
+DATASETS = ("cifar100", "fashion-mnist")
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+# Folders outside data_dir searched for the idx files, after data_dir's own; the
+# Debian package `dataset-fashion-mnist` installs here, which makes it work offline.
+FASHION_MNIST_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+# The usual Fashion-MNIST statistics of the 28x28 images. We apply them to the
+# zero-padded 32x32 images unchanged, so the border normalises to a constant
+# (-0.81) rather than to exactly zero; this keeps the numbers everybody quotes.
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == is ambiguous
+class ImageDataset:
+    """A whole split in memory: uint8 images [N, 3, 32, 32] and int64 labels [N]."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or tuple(self.images.shape[1:]) != (3, 32, 32):
+            raise ValueError(f"images must be uint8 [N, 3, 32, 32], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def describe(ds: ImageDataset) -> str:
+    """One line for logs: name, size, classes and how many classes are present."""
+    present = int(torch.unique(ds.labels).numel())
+    return f"{ds.name}: {len(ds)} images 3x32x32 uint8, {ds.num_classes} classes ({present} present)"
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path,
+    train: bool,
+    limit: int = 0,
+    seed: int = 0,
+    download: bool = True,
+    system_dirs: Sequence[str | Path] = FASHION_MNIST_DIRS,
+) -> ImageDataset:
+    """Load the train or test split of `name`; `limit > 0` keeps a seeded random subset.
+
+    `system_dirs` are searched for Fashion-MNIST after `data_dir` (tests pass their own).
+    """
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if limit < 0:
+        raise ConfigError(f"limit must be >= 0 (0 keeps all samples), got {limit}")
+    root = Path(data_dir).expanduser()
+    if key == "cifar100":
+        images, labels = _load_cifar100(root, train, download)
+        num_classes, mean, std = 100, CIFAR100_MEAN, CIFAR100_STD
+    else:
+        images, labels = _load_fashion_mnist(root, train, download, [Path(d) for d in system_dirs])
+        num_classes, mean, std = 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    keep = _subset_positions(len(labels), limit, seed)
+    if keep is not None:  # subset before converting, so padding works on fewer images
+        images, labels = images[keep], labels[keep]
+    if key == "fashion-mnist":
+        images = _grey28_to_rgb32(images)
+    return ImageDataset(
+        name=key,
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+    )
+
+
+def _subset_positions(n: int, limit: int, seed: int) -> np.ndarray | None:
+    """Sorted positions of a random subset of size `limit`, the same for the same seed."""
+    if limit == 0 or limit >= n:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=generator)[:limit]
+    return np.sort(chosen.numpy())
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --- CIFAR-100 ------------------------------------------------------------------
+
+
+def _load_cifar100(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    folder = root / CIFAR100_FOLDER
+    if not folder.is_dir():
+        _download_cifar100(root, folder, download)
+    return _read_cifar100_split(folder / ("train" if train else "test"))
+
+
+def _download_cifar100(root: Path, folder: Path, download: bool) -> None:
+    hint = "use --dataset fashion-mnist, which works offline"
+    if not download:
+        raise DatasetError(f"CIFAR-100 not found in {folder} and download is off; {hint}")
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(CIFAR100_URL, download_root=str(root), md5=CIFAR100_MD5)
+    except Exception as error:  # any network or archive failure means the same to the user
+        raise DatasetError(
+            f"CIFAR-100 not found in {folder} and download failed ({_one_line(error)}); {hint}"
+        ) from error
+    if not folder.is_dir():
+        raise DatasetError(f"CIFAR-100 archive did not contain {folder}; {hint}")
+
+
+def _read_cifar100_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pickle of the official python version: b"data" [N, 3072], b"fine_labels"."""
+    if not path.is_file():
+        raise DatasetError(f"CIFAR-100 file missing: {path}")
+    try:
+        with path.open("rb") as f:
+            # The official format is a pickle; it only comes from data_dir the user chose.
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"fine_labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+        raise DatasetError(f"cannot read CIFAR-100 file {path}: {_one_line(error)}") from error
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise DatasetError(f"CIFAR-100 file {path} has data {data.shape} and {len(labels)} labels, expected [N, 3072] and N")
+    if len(labels) and (labels.min() < 0 or labels.max() > 99):
+        raise DatasetError(f"CIFAR-100 file {path} has labels outside 0..99")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+# --- Fashion-MNIST --------------------------------------------------------------
+
+
+def fashion_mnist_dirs(data_dir: str | Path, system_dirs: Sequence[str | Path] = FASHION_MNIST_DIRS) -> list[Path]:
+    """Folders searched for the idx files, in order: torchvision's, ours, the system's."""
+    root = Path(data_dir).expanduser()
+    return [root / "FashionMNIST" / "raw", root / "fashion-mnist", *(Path(d) for d in system_dirs)]
+
+
+def _load_fashion_mnist(
+    root: Path, train: bool, download: bool, system_dirs: list[Path]
+) -> tuple[np.ndarray, np.ndarray]:
+    folders = fashion_mnist_dirs(root, system_dirs)
+    found = _find_idx_pair(folders, train)
+    reason = "download is off"
+    if found is None and download:
+        reason = _download_fashion_mnist(root, train)
+        found = _find_idx_pair(folders[:1], train)
+    if found is None:
+        searched = ", ".join(str(f) for f in folders)
+        raise DatasetError(
+            f"Fashion-MNIST not found in {searched} ({reason}); "
+            "install it offline with `apt-get install dataset-fashion-mnist`"
+        )
+    images = _read_idx(found[0], _IDX_IMAGES_MAGIC)
+    labels = _read_idx(found[1], _IDX_LABELS_MAGIC)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"Fashion-MNIST files {found[0]} and {found[1]} do not match: {images.shape} vs {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+def _download_fashion_mnist(root: Path, train: bool) -> str:
+    """Try torchvision's download into root/FashionMNIST/raw; return why it failed, if so."""
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(root=str(root), train=train, download=True)
+    except Exception as error:  # offline, a proxy, a bad archive: all mean "not available"
+        return f"download failed: {_one_line(error)}"
+    return "download gave no idx files"
+
+
+def _find_idx_pair(folders: Sequence[Path], train: bool) -> tuple[Path, Path] | None:
+    """The first folder holding both the images and labels file of the split."""
+    prefix = "train" if train else "t10k"
+    for folder in folders:
+        images = _find_file(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find_file(folder, f"{prefix}-labels-idx1-ubyte")
+        if images is not None and labels is not None:
+            return images, labels
+    return None
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    # Prefer the plain file: torchvision leaves both, and it is faster to read.
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Read an idx file (plain or gz): big-endian magic, one uint32 per dim, uint8 data."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"cannot read idx file {path}: {_one_line(error)}") from error
+    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != expected_magic:
+        found = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
+        raise DatasetError(f"idx file {path} has magic number {found}, expected {expected_magic}")
+    ndim = raw[3]  # the last magic byte is the number of dimensions
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if data.size != int(np.prod(dims)):
+        raise DatasetError(f"idx file {path} is truncated: {data.size} bytes of data for shape {dims}")
+    return data.reshape(dims)
+
+
+def _grey28_to_rgb32(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] -> [N, 3, 32, 32]: 2 zero pixels each side, grey copied to RGB."""
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    return np.repeat(padded[:, None], 3, axis=1)
+
+
+# --- Loading batches ------------------------------------------------------------
+
+
+class TensorImageDataset(Dataset):
+    """Normalised float samples of an ImageDataset at `indices`, augmented when `train`.
+
+    Indexed by a position, or by `(position, seed)` as `make_loader` does: then the
+    augmentation is drawn from that seed, so a run is repeatable whatever the workers.
+    """
+
+    def __init__(self, ds: ImageDataset, indices: Sequence[int] | np.ndarray | None, train: bool) -> None:
+        self.ds = ds
+        self.indices = _as_index_array(indices, len(ds))
+        self.train = train
+        normalise = [T.ToDtype(torch.float32, scale=True), T.Normalize(list(ds.mean), list(ds.std))]
+        # The augmentation of the original MergeNet CIFAR-100 training script.
+        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15)]
+        self.transform = T.Compose((augment if train else []) + normalise)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        index = int(self.indices[position])
+        image = self.ds.images[index]
+        if seed is None or not self.train:
+            sample = self.transform(image)
+        else:
+            # v2 transforms draw from the global CPU RNG; fork it so that seeding here
+            # neither depends on nor disturbs the caller's random state.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                sample = self.transform(image)
+        return sample, int(self.ds.labels[index])
+
+
+class _SeededShuffleSampler(Sampler):
+    """Yields (position, augmentation seed) in a fresh random order each epoch."""
+
+    def __init__(self, size: int, generator: torch.Generator) -> None:
+        self.size = size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.size, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.size,), generator=self.generator).tolist()
+        return iter(zip(order, seeds))
+
+
+def make_loader(
+    ds: ImageDataset,
+    indices: Sequence[int] | np.ndarray | None,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of (float [B, 3, 32, 32], int64 [B]); train order and augmentation follow `seed`."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    dataset = TensorImageDataset(ds, indices, train)
+    sampler = None
+    if train:
+        sampler = _SeededShuffleSampler(len(dataset), torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+def _as_index_array(indices: Sequence[int] | np.ndarray | None, size: int) -> np.ndarray:
+    if indices is None:
+        return np.arange(size, dtype=np.int64)
+    array = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise ConfigError(f"indices must lie in 0..{size - 1}")
+    return array

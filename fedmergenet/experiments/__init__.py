@@ -1,0 +1,1 @@
+"""Experiments: teacher pretraining, the central baselines, federated runs and the suite."""

@@ -1,0 +1,163 @@
+"""The single-machine baselines: plain MobileNetV2, and MergeNet's original ``run_res50_mbv2``
+semantics (fuse from the ResNet50 every ``f`` batches, hypernetwork update after each fused
+step), trained on the union of the clients' training data with the clients' optimiser and
+LR schedule, for the same number of epochs over the data as the federated runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, validate
+from ..data import make_loader, split_train_val
+from ..flower.task import client_partitions, test_loader, train_set
+from ..fusion import KnowledgeFusionUnit
+from ..models import STUDENT_LAYER, TEACHER_LAYER, build_student
+from ..results import append_metrics, library_versions, read_metrics, write_summary
+from ..teacher import load_teacher, random_teacher
+from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
+
+
+def union_of_client_data(cfg: RunConfig) -> np.ndarray:
+    """Exactly the images the clients train on (their local validation splits excluded)."""
+    parts = client_partitions(cfg)
+    train_parts = [split_train_val(idx, cfg.val_fraction, seed=cfg.seed + i)[0] for i, idx in enumerate(parts)]
+    return np.sort(np.concatenate(train_parts))
+
+
+@dataclass
+class FusionHooks:
+    """Fuse before every f-th step; after that step, pull the adapter toward where SGD took the layer."""
+
+    unit: KnowledgeFusionUnit
+    layer: torch.nn.Parameter
+    every: int
+    teacher: torch.nn.Module | None = None  # set when the teacher is co-trained
+    teacher_optimizer: torch.optim.Optimizer | None = None
+    step: int = 0
+    fused: torch.Tensor | None = None
+    epoch_fusions: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+    def before(self, _batch: int, _images: torch.Tensor, _labels: torch.Tensor) -> None:
+        if self.step % self.every == 0:
+            self.fused = self.unit.fuse(self.layer.detach())
+            with torch.no_grad():
+                self.layer.copy_(self.fused)
+            self.epoch_fusions += 1
+
+    def after(self, _batch: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.teacher is not None and self.teacher_optimizer is not None:
+            self._train_teacher(images, labels)
+        if self.fused is not None:
+            self.epoch_losses.append(self.unit.learn(self.fused, self.layer.detach()))
+            self.fused = None
+        self.step += 1
+
+    def _train_teacher(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.teacher.train()
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(self.teacher(images), labels).backward()
+        self.teacher_optimizer.step()
+        self.unit.set_teacher(self.teacher.state_dict()[TEACHER_LAYER])
+
+    def end_epoch(self) -> tuple[int, float | None]:
+        count, losses = self.epoch_fusions, self.epoch_losses
+        self.epoch_fusions, self.epoch_losses = 0, []
+        return count, (float(np.mean(losses)) if losses else None)
+
+
+def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, echo: bool = True) -> Path:
+    cfg = validate(cfg)
+    arm = "central_mergenet" if mergenet else "central"
+    out = Path(cfg.output_dir or f"results/{arm}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dataset = train_set(cfg)
+    indices = union_of_client_data(cfg)
+    loader = make_loader(dataset, indices, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda")
+    tests = test_loader(cfg)
+    model = build_student(num_classes=dataset.num_classes).to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
+    epochs = cfg.rounds * cfg.local_epochs  # the federated arms' budget of passes over the data
+    hooks, teacher_info = None, None
+    if mergenet:
+        hooks, teacher_info = _fusion_hooks(cfg, model, dataset.num_classes, epochs * len(loader), cotrain_teacher, device)
+    start = time.time()
+    append_metrics(out, _row(0, evaluate(model, tests, device), 0, None, time.time() - start))
+    for epoch in range(1, epochs + 1):
+        loss = train_epoch(model, loader, optimizer, device, desc=f"{arm} epoch {epoch}/{epochs}",
+                           before_step=hooks.before if hooks else None, after_step=hooks.after if hooks else None)
+        scheduler.step()
+        fusions, adapter_loss = hooks.end_epoch() if hooks else (0, None)
+        result = evaluate(model, tests, device)
+        append_metrics(out, {**_row(epoch, result, fusions, adapter_loss, time.time() - start), "train_loss": loss})
+        if echo:
+            print(f"{arm} epoch {epoch}/{epochs}: train loss {loss:.4f}, test top-1 {100 * result.top1:.2f}%", flush=True)
+    torch.save(model.cpu().state_dict(), out / "final_model.pt")
+    write_summary(out, _summary(cfg, arm, out, time.time() - start, teacher_info, cotrain_teacher, len(indices)))
+    return out
+
+
+def _fusion_hooks(cfg: RunConfig, model: torch.nn.Module, num_classes: int, total_steps: int, cotrain: bool,
+                  device: torch.device) -> tuple[FusionHooks, dict]:
+    if cfg.random_teacher:
+        teacher, info = random_teacher(dataset=cfg.dataset, num_classes=num_classes, seed=cfg.seed)
+    else:
+        teacher, info = load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=num_classes)
+    layer = dict(model.named_parameters())[STUDENT_LAYER]
+    unit = KnowledgeFusionUnit(teacher.state_dict()[TEACHER_LAYER], tuple(layer.shape), cfg.adapter(),
+                               total_updates=max(1, total_steps // cfg.fusion_batches), device=cfg.server_device,
+                               seed=cfg.seed)
+    hooks = FusionHooks(unit=unit, layer=layer, every=cfg.fusion_batches)
+    if cotrain:
+        for param in teacher.parameters():
+            param.requires_grad_(True)
+        hooks.teacher = teacher.to(device)
+        hooks.teacher_optimizer = make_optimizer(teacher, cfg.lr, cfg.momentum, cfg.weight_decay)
+    return hooks, {**info.as_dict(), "cotrained": cotrain}
+
+
+def _row(epoch: int, result, fusions: int, adapter_loss: float | None, wall: float) -> dict:
+    return {
+        "epoch": epoch,
+        "epoch_equiv": epoch,
+        "test_top1": result.top1,
+        "test_top5": result.top5,
+        "test_loss": result.loss,
+        "fusion_applied": fusions,
+        "adapter_loss": adapter_loss,
+        "wall_time_s": wall,
+        "bytes_down": 0,
+        "bytes_up": 0,
+    }
+
+
+def _summary(cfg: RunConfig, arm: str, out: Path, wall: float, teacher: dict | None, cotrain: bool, images: int) -> dict:
+    rows = read_metrics(out)
+    return {
+        "arm": arm,
+        "status": "completed",
+        "epochs": rows[-1]["epoch"],
+        "epoch_equiv": rows[-1]["epoch_equiv"],
+        "train_images": images,
+        "best_top1": max(r["test_top1"] for r in rows),
+        "final_top1": rows[-1]["test_top1"],
+        "best_top5": max(r["test_top5"] for r in rows),
+        "final_top5": rows[-1]["test_top5"],
+        "fusion_rounds": sum(r["fusion_applied"] for r in rows),
+        "bytes_total": 0,
+        "bytes_per_round": 0,
+        "wall_time_s": wall,
+        "teacher": teacher or {"source": "none"},
+        "cotrain_teacher": cotrain,
+        "config": {**cfg.to_run_config(), "fusion": arm == "central_mergenet"},
+        "versions": library_versions(),
+    }

@@ -1,0 +1,46 @@
+"""Deployment mode of the runner: the server script and N client scripts as child processes
+on this machine (loopback), exactly as a user would start them in separate terminals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import PROJECT_ROOT, RunConfig, to_flags
+from ..errors import ConfigError
+from ..flower import runtime
+from .federated import LOG_DIR, absolute
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--server_address must be HOST:PORT (got {address!r})")
+    return host, int(port)
+
+
+def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo: bool = True) -> Path:
+    host, port = split_address(server_address)
+    cfg = absolute(cfg)
+    if runtime.port_in_use(host, port):
+        raise ConfigError(f"port {port} on {host} is already in use; choose another --server_address")
+    python = sys.executable
+    env = runtime.flwr_env()
+    with runtime.managed() as processes:
+        server = processes.start(
+            [python, str(PROJECT_ROOT / "federated_mergenet_server.py"), "--host", host, "--port", str(port),
+             "--insecure", *to_flags(cfg)],
+            None if echo else LOG_DIR / "run_server.out", env,
+        )
+        runtime.wait_for_port(host, port, timeout=120, process=server)
+        for client_id in range(cfg.num_clients):
+            processes.start(
+                [python, str(PROJECT_ROOT / "federated_mergenet_client.py"), "--client_id", str(client_id),
+                 "--num_clients", str(cfg.num_clients), "--server_address", server_address, "--device", cfg.device,
+                 "--insecure", "--max-wait-time", "20"],
+                LOG_DIR / f"run_client_{client_id}.out", env,
+            )
+        code = server.wait()
+    if code != 0:
+        raise runtime.RuntimeFailure(f"the server exited with code {code}; see {LOG_DIR}")
+    return Path(cfg.output_dir)

@@ -1,0 +1,145 @@
+"""Run the Flower app: in Flower's simulation engine, or as a SuperLink that real SuperNodes
+(our client script, other terminals, other machines) join."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..config import PROJECT_ROOT, RunConfig, validate
+from ..errors import CheckpointError, ConfigError, UserError
+from ..flower import runtime
+from ..flower.runtime import Tls
+from ..results import read_summary
+
+LOG_DIR = PROJECT_ROOT / "logs"
+
+
+def absolute(cfg: RunConfig) -> RunConfig:
+    """The ServerApp runs in another process and folder: hand it absolute paths."""
+    return cfg.replace(
+        data_dir=str(Path(cfg.data_dir).resolve()),
+        output_dir=str(cfg.output_path().resolve()),
+        teacher_checkpoint=str(cfg.teacher_path().resolve()),
+    )
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """Every check that can fail fast, before any process starts or any client trains."""
+    from ..data import load_dataset
+    from ..teacher import load_teacher
+
+    cfg = absolute(validate(cfg))
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output directory {out} is not writable ({exc.strerror})") from None
+    train = load_dataset(cfg.dataset, cfg.data_dir, train=True, limit=cfg.train_limit, seed=cfg.seed)
+    if cfg.num_clients > len(train):
+        raise ConfigError(f"--num-clients {cfg.num_clients} exceeds the {len(train)} training images")
+    if cfg.fusion and not cfg.random_teacher:
+        load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=train.num_classes)
+    return cfg
+
+
+def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
+    out = Path(cfg.output_dir)
+    try:
+        summary = read_summary(out)
+    except ValueError:
+        summary = {}
+    if status != "finished:completed" or summary.get("status") != "completed":
+        reason = summary.get("error") or f"Flower reports the run as {status}"
+        raise runtime.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
+    return out
+
+
+def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = True) -> Path:
+    """The whole federation in Flower's simulation engine, on this machine."""
+    cfg = preflight(cfg)
+    env = runtime.flwr_env()
+    port = runtime.free_port()
+    name = f"fedmergenet-sim-{port}"
+    out = Path(cfg.output_dir)
+    log_path = out / "flower.log"
+    federation = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": num_cpus_per_client}
+    runtime.write_connection(Path(env["FLWR_HOME"]), name, f"127.0.0.1:{port}", tls=None)
+    run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
+    with runtime.managed() as processes:
+        link = processes.start(
+            runtime.superlink_command("127.0.0.1", port, out / "superlink.db", simulation=True, tls=None,
+                                      log_file=out / "superlink.log"),
+            out / "superlink.out", env,
+        )
+        runtime.wait_for_port("127.0.0.1", port, timeout=60, process=link)
+        run_id = runtime.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo,
+                                  federation_config=federation)
+        status = wait_status(name, run_id, env)
+    runtime.remove_connection(Path(env["FLWR_HOME"]), name)
+    return finish(cfg, status, log_path)
+
+
+def wait_status(connection: str, run_id: int, env: dict[str, str], timeout: float = 30.0) -> str:
+    """The stream can end a moment before the SuperLink marks the run finished."""
+    deadline = time.monotonic() + timeout
+    status = runtime.run_status(connection, run_id, env)
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = runtime.run_status(connection, run_id, env)
+    return status
+
+
+def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | None = None, echo: bool = True) -> Path:
+    """Deployment runtime: start a SuperLink, let SuperNodes join, submit this app, stream it."""
+    cfg = preflight(cfg)
+    if runtime.port_in_use(host, port):
+        raise ConfigError(f"port {port} on {host} is already in use; choose another with --port")
+    env = runtime.flwr_env()
+    name = f"fedmergenet-{host.replace('.', '-')}-{port}"
+    out = Path(cfg.output_dir)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / "federated_mergenet_server.log"
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    runtime.write_connection(Path(env["FLWR_HOME"]), name, address, tls=tls)
+    run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
+    with runtime.managed() as processes:
+        link = processes.start(
+            runtime.superlink_command(host, port, out / "superlink.db", simulation=False, tls=tls,
+                                      log_file=LOG_DIR / "superlink.log"),
+            LOG_DIR / "superlink.out", env,
+        )
+        runtime.wait_for_port(address.split(":")[0], port, timeout=60, process=link)
+        if echo:
+            print(f"SuperLink listening on {host}:{port}; waiting for {cfg.min_available} client(s) "
+                  f"(up to {cfg.node_wait_timeout:.0f} s)", flush=True)
+        run_id = runtime.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo)
+        status = wait_status(name, run_id, env)
+    runtime.remove_connection(Path(env["FLWR_HOME"]), name)
+    return finish(cfg, status, log_path)
+
+
+def join(client_id: int, num_clients: int, server_address: str, device: str = "cpu", port: int = 0,
+         tls: Tls | None = None, max_wait_time: float = 60.0) -> int:
+    """Run one SuperNode serving partition ``client_id`` of ``num_clients`` until the server goes away."""
+    if not 0 <= client_id < num_clients:
+        raise ConfigError(f"--client_id {client_id} must be in 0..{num_clients - 1} for --num_clients {num_clients}")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"unknown device {device!r}; choose one of cpu, cuda, auto")
+    env = runtime.flwr_env()
+    port = port or runtime.free_port()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"federated_mergenet_client_{client_id}.log"
+    command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time)
+    with runtime.managed() as processes:
+        node = processes.start(command, log_path, env)
+        print(f"Client {client_id}/{num_clients} (SuperNode pid {node.pid}) joined {server_address}; log: {log_path}",
+              flush=True)
+        return node.wait()
+
+
+__all__ = ["run_simulation", "serve", "join", "preflight", "Tls", "UserError", "CheckpointError", "os"]

@@ -1,0 +1,1 @@
+"""The Flower app (ServerApp, ClientApp, strategy) and the runtimes that run it."""

@@ -1,0 +1,77 @@
+"""The ClientApp: local training and local evaluation of the student on one partition.
+
+Run options come from ``context.run_config``; the partition (and optionally the device)
+from ``context.node_config``, which the simulation engine and our client script fill.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..config import RunConfig
+from ..training import evaluate as evaluate_model
+from ..training import make_optimizer, make_scheduler, pick_device, train_epoch
+from .task import client_data, global_epoch, load_arrays, new_student
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.device]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    device = pick_device(str(context.node_config.get("device", cfg.device)))
+    return cfg, partition_id, num_partitions, device
+
+
+def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
+                server_round: int, device: torch.device) -> tuple[float, int]:
+    """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch."""
+    data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
+    loss = float("nan")
+    for epoch in range(cfg.local_epochs):
+        desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
+        loss = train_epoch(model, data.train, optimizer, device, desc=desc)
+        scheduler.step()
+    return loss, data.num_train
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, partition_id, num_partitions, device = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    model = new_student(cfg)
+    load_arrays(model, msg.content["arrays"])
+    model.to(device)
+    start = time.perf_counter()
+    loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device)
+    metrics = MetricRecord({
+        "train-loss": loss,
+        "num-examples": num_train,
+        "train-seconds": time.perf_counter() - start,
+    })
+    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, partition_id, num_partitions, device = _setup(msg, context)
+    model = new_student(cfg)
+    load_arrays(model, msg.content["arrays"])
+    model.to(device)
+    data = client_data(cfg, partition_id, num_partitions, pin_memory=device.type == "cuda")
+    result = evaluate_model(model, data.val, device)
+    metrics = MetricRecord({
+        "eval-loss": result.loss,
+        "eval-top1": result.top1,
+        "eval-top5": result.top5,
+        "num-examples": max(result.examples, 1),
+    })
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

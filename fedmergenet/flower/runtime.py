@@ -1,0 +1,276 @@
+"""Flower's runtimes, driven for the user: a SuperLink (simulation or deployment), SuperNodes,
+and ``flwr run`` with the run's real status checked.
+
+Flower 1.42 details the scripts own so users never meet them (see the project notes):
+one SuperLink port; connections live in ``$FLWR_HOME/config.toml`` (we use a project-local
+``.flwr/``); runtime dependency installation must be off; ``flwr run --stream`` exits 0
+even when the run failed, so the status is read back with ``flwr ls``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import tomli_w
+
+from ..config import PROJECT_ROOT
+from ..errors import UserError
+
+
+class RuntimeFailure(UserError):
+    """A Flower process did not start, or a run did not complete."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificates for TLS between SuperNodes, the CLI and the SuperLink (None = plaintext)."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+
+def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for every Flower process: project-local home, offline, quiet, no installs."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home or PROJECT_ROOT / ".flwr")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    # The package must import from the ServerApp/ClientApp processes wherever they run.
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeFailure(f"{process.args[0]} exited with code {process.returncode} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.3)
+    raise RuntimeFailure(f"nothing listened on {host}:{port} within {timeout:.0f} s")
+
+
+def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None, options: dict[str, Any] | None = None) -> None:
+    """Add or replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the others."""
+    import tomllib
+
+    path = flwr_home / "config.toml"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    entry: dict[str, Any] = {"address": address}
+    if tls is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(tls.ca_cert).resolve())
+    if options:
+        entry["options"] = options
+    config.setdefault("superlink", {})[name] = entry
+    path.write_text(tomli_w.dumps(config))
+
+
+def remove_connection(flwr_home: Path, name: str) -> None:
+    """Forget a connection made for one run, so config.toml does not grow with every run."""
+    import tomllib
+
+    path = flwr_home / "config.toml"
+    if not path.exists():
+        return
+    config = tomllib.loads(path.read_text())
+    if config.get("superlink", {}).pop(name, None) is not None:
+        path.write_text(tomli_w.dumps(config))
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group (Flower's children included), then SIGKILL what is left."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """Children of a group leader outlive it; sweep the group after the leader is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@dataclass
+class Processes:
+    """Child processes started for a run; all of them are stopped on exit, whatever happens."""
+
+    started: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[TextIO] = field(default_factory=list)
+
+    def start(self, command: Sequence[str], log_path: Path | None, env: dict[str, str]) -> subprocess.Popen:
+        """Start in its own process group; output to ``log_path`` (None: this terminal)."""
+        handle = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop_all
+            self.logs.append(handle)
+        process = subprocess.Popen(
+            list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            stop_process(process)
+            kill_group(process)
+        for handle in self.logs:
+            handle.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.started]
+
+
+@contextlib.contextmanager
+def managed() -> Iterator[Processes]:
+    processes = Processes()
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+def superlink_command(host: str, port: int, database: Path, simulation: bool, tls: Tls | None, log_file: Path) -> list[str]:
+    command = [
+        "flower-superlink", "--host", host, "--port", str(port), "--database", str(database),
+        "--disable-runtime-dependency-installation", "--log-file", str(log_file),
+    ]
+    if simulation:
+        command += ["--simulation", "--isolation", "subprocess"]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                    "--ssl-keyfile", str(tls.server_key)]
+    return command
+
+
+def supernode_command(superlink: str, port: int, partition_id: int, num_partitions: int, device: str,
+                      tls: Tls | None, max_wait_time: float = 60.0) -> list[str]:
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions} device='{device}'"
+    command = [
+        "flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", node_config,
+        # When the server is gone, give up reconnecting instead of hanging in the terminal.
+        "--max-wait-time", str(max_wait_time),
+    ]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(tls.ca_cert)]
+    return command
+
+
+def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(run_config))
+    return path
+
+
+def flwr_run(app_dir: Path, connection: str, run_config_file: Path, env: dict[str, str], log_path: Path,
+             echo: bool = True, federation_config: dict[str, Any] | None = None) -> int:
+    """Submit the app, stream its log to the console and ``log_path``; returns the run id."""
+    command = [
+        "flwr", "run", str(app_dir), connection, "--run-config", str(run_config_file), "--stream",
+    ]
+    if federation_config:
+        command += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
+    run_id = None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if run_id is None and "run" in line.lower():
+                    run_id = _run_id_from(line) or run_id
+            process.wait()
+        finally:
+            stop_process(process)
+    if process.returncode != 0:
+        raise RuntimeFailure(f"flwr run exited with code {process.returncode}; see {log_path}")
+    if run_id is None:
+        raise RuntimeFailure(f"flwr run did not report a run id; see {log_path}")
+    return run_id
+
+
+def _run_id_from(line: str) -> int | None:
+    """``flwr run`` prints 'Successfully started run <id>'."""
+    words = line.replace(":", " ").split()
+    for i, word in enumerate(words[:-1]):
+        if word.lower() == "run" and words[i + 1].isdigit():
+            return int(words[i + 1])
+    return None
+
+
+def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
+    """The run's real final status (``finished:completed``, ``finished:failed``, ...)."""
+    result = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                            capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+                            timeout=60)
+    try:
+        runs = json.loads(result.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return "unknown"
+    for run in runs:
+        if int(run.get("run-id", run.get("run_id", -1))) == run_id:
+            return str(run.get("status", "unknown"))
+    return "unknown"
+
+
+def which_flower() -> None:
+    for tool in ("flwr", "flower-superlink", "flower-supernode"):
+        if shutil.which(tool, path=flwr_env()["PATH"]) is None:
+            raise RuntimeFailure(f"{tool} not found: install the requirements into this virtual environment")

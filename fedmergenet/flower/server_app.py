@@ -1,0 +1,225 @@
+"""The ServerApp: load the frozen teacher, run FedAvg + MergeNet, evaluate every round and
+write the results as data (metrics.jsonl per round, summary.json, models, resumable state)."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import RunConfig, validate
+from ..errors import UserError
+from ..fusion import KnowledgeFusionUnit
+from ..models import STUDENT_LAYER, TEACHER_LAYER, state_checksum
+from ..results import append_metrics, library_versions, rewrite_metrics, read_metrics, write_summary
+from ..teacher import load_teacher, random_teacher
+from ..training import evaluate, pick_device, seed_everything
+from .state import ServerState, load_state, save_state
+from .strategy import FedMergeNet, NodeWaitTimeout, RoundLog, spec_of
+from .task import load_arrays, new_student, test_loader, train_set
+
+app = ServerApp()
+
+
+def fusion_rounds(cfg: RunConfig) -> int:
+    if not cfg.fusion:
+        return 0
+    return len(range(cfg.fusion_start_round, cfg.rounds + 1, cfg.fusion_frequency))
+
+
+class FederatedRun:
+    """One federated experiment on the server side, from start-up checks to summary."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = validate(cfg)
+        self.out = cfg.output_path()
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.start = time.time()
+        self.device = pick_device(cfg.server_device)
+        self.num_classes = train_set(cfg).num_classes
+        # The teacher is loaded first: a bad checkpoint stops the run before any client trains.
+        if cfg.random_teacher:
+            self.teacher, self.teacher_info = random_teacher(dataset=cfg.dataset, num_classes=self.num_classes, seed=cfg.seed)
+        else:
+            self.teacher, self.teacher_info = load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes)
+        self.test_loader = test_loader(cfg)
+        self.student = new_student(cfg)
+        self.fusion_unit = self._fusion_unit() if cfg.fusion else None
+        self.strategy = FedMergeNet(
+            spec=spec_of(self.student.state_dict()),
+            fusion_unit=self.fusion_unit,
+            fusion_start_round=cfg.fusion_start_round,
+            fusion_frequency=cfg.fusion_frequency,
+            max_examples=len(train_set(cfg)),
+            node_wait_timeout=cfg.node_wait_timeout,
+            fraction_train=cfg.sample_size / cfg.num_clients,
+            fraction_evaluate=cfg.sample_size / cfg.num_clients,
+            min_train_nodes=cfg.sample_size,
+            min_evaluate_nodes=cfg.sample_size,
+            min_available_nodes=cfg.min_available,
+        )
+        self.best_top1 = -1.0
+        self.round_offset = 0
+
+    def _fusion_unit(self) -> KnowledgeFusionUnit:
+        teacher_matrix = self.teacher.state_dict()[TEACHER_LAYER]
+        student_shape = tuple(self.student.state_dict()[STUDENT_LAYER].shape)
+        return KnowledgeFusionUnit(
+            teacher_matrix, student_shape, self.cfg.adapter(), total_updates=max(1, fusion_rounds(self.cfg) - 1),
+            device=self.cfg.server_device, seed=self.cfg.seed,
+        )
+
+    # --- per round --------------------------------------------------------------------
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower calls this at the end of each round (and for round 0): evaluate, record, save."""
+        server_round += self.round_offset
+        load_arrays(self.student, arrays)
+        self.student.to(self.device)
+        result = evaluate(self.student, self.test_loader, self.device, desc=f"server eval round {server_round}")
+        self.student.cpu()
+        row = self.row(server_round, result, self.strategy.round_log(server_round))
+        append_metrics(self.out, row)
+        if result.top1 > self.best_top1:
+            self.best_top1 = result.top1
+            torch.save(self.student.state_dict(), self.out / "best_model.pt")
+        save_state(self.out, self.state(server_round, arrays))
+        write_summary(self.out, self.summary(status="running"))
+        return MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
+
+    def row(self, server_round: int, result, log_: RoundLog) -> dict:
+        status = "initial" if server_round == 0 else "ok"
+        if server_round > 0 and not log_.aggregated:
+            status = "no_replies" if log_.replies == 0 and log_.failures == 0 else "no_sound_update"
+        train_loss = log_.train_metrics.get("train-loss")
+        return {
+            "round": server_round,
+            "epoch_equiv": server_round * self.cfg.local_epochs,
+            "test_top1": result.top1,
+            "test_top5": result.top5,
+            "test_loss": result.loss,
+            "train_loss": train_loss,
+            "fed_eval_top1": log_.evaluate_metrics.get("eval-top1"),
+            "fed_eval_loss": log_.evaluate_metrics.get("eval-loss"),
+            "fusion_applied": log_.fusion_applied,
+            "adapter_learned": log_.learned,
+            "adapter_loss": log_.adapter_loss,
+            "adapter_lr": log_.adapter_lr,
+            "gate": log_.gate,
+            "fusion_ms": log_.fusion_ms,
+            "aggregate_ms": log_.aggregate_ms,
+            "sampled": log_.sampled_train,
+            "replies": log_.replies,
+            "failures": log_.failures,
+            "rejected": log_.rejected,
+            "rejections": log_.rejections,
+            "round_status": status,
+            "bytes_down": log_.bytes_down,
+            "bytes_up": log_.bytes_up,
+            "wall_time_s": time.time() - self.start,
+        }
+
+    def state(self, server_round: int, arrays: ArrayRecord) -> ServerState:
+        return ServerState(
+            round=server_round,
+            arrays=arrays.to_torch_state_dict(),
+            fusion=self.fusion_unit.state_dict() if self.fusion_unit else None,
+            pending_fused=self.strategy.pending_fused,
+            best_top1=self.best_top1,
+            elapsed_s=time.time() - self.start,
+        )
+
+    def summary(self, status: str, error: str | None = None) -> dict:
+        rows = read_metrics(self.out) if (self.out / "metrics.jsonl").exists() else []
+        done = [r for r in rows if r["round"] > 0]
+        bytes_total = sum(r["bytes_down"] + r["bytes_up"] for r in done)
+        return {
+            "arm": self.cfg.arm,
+            "status": status,
+            "error": error,
+            "rounds": len(done),
+            "epoch_equiv": done[-1]["epoch_equiv"] if done else 0,
+            "best_top1": max((r["test_top1"] for r in rows), default=None),
+            "final_top1": rows[-1]["test_top1"] if rows else None,
+            "best_top5": max((r["test_top5"] for r in rows), default=None),
+            "final_top5": rows[-1]["test_top5"] if rows else None,
+            "fusion_rounds": sum(r["fusion_applied"] for r in done),
+            "bytes_total": bytes_total,
+            "bytes_per_round": bytes_total / len(done) if done else 0,
+            "wall_time_s": time.time() - self.start,
+            "teacher": self.teacher_info.as_dict(),
+            "adapter_parameters": self.fusion_unit.num_parameters if self.fusion_unit else 0,
+            "config": self.cfg.to_run_config(),
+            "versions": library_versions(),
+        }
+
+    # --- whole run ----------------------------------------------------------------------
+    def initial_arrays(self) -> tuple[ArrayRecord, int]:
+        """Fresh weights, or the last completed round's when resuming."""
+        state = load_state(self.out) if self.cfg_resume else None
+        if state is None:
+            for stale in ("metrics.jsonl", "server_state.pt"):
+                (self.out / stale).unlink(missing_ok=True)
+            return ArrayRecord(self.student.state_dict()), 0
+        rows = [r for r in read_metrics(self.out) if r["round"] <= state.round]
+        rewrite_metrics(self.out, rows)  # drop rows of a round that did not finish saving
+        if self.fusion_unit is not None and state.fusion is not None:
+            self.fusion_unit.load_state_dict(state.fusion)
+        self.strategy.pending_fused = state.pending_fused
+        self.best_top1 = state.best_top1
+        self.start -= state.elapsed_s
+        log(INFO, "Resuming %s after round %s", self.out, state.round)
+        return ArrayRecord(state.arrays), state.round
+
+    cfg_resume = False
+
+    def run(self, grid: Grid, resume: bool = False) -> None:
+        self.cfg_resume = resume
+        arrays, done = self.initial_arrays()
+        if done >= self.cfg.rounds:
+            log(INFO, "Nothing to resume: all %s rounds are done", self.cfg.rounds)
+            write_summary(self.out, self.summary(status="completed"))
+            return
+        self.round_offset = done
+        self.strategy.round_offset = done
+        teacher_before = state_checksum(self.teacher.state_dict())
+        status, error = "completed", None
+        try:
+            result = self.strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=self.cfg.rounds - done,
+                timeout=self.cfg.round_timeout,
+                train_config=ConfigRecord({"local-epochs": self.cfg.local_epochs}),
+                evaluate_fn=self.evaluate_round if done == 0 else self._evaluate_skip_zero,
+            )
+            load_arrays(self.student, result.arrays if result.arrays else arrays)
+            torch.save(self.student.state_dict(), self.out / "final_model.pt")
+        except NodeWaitTimeout as exc:
+            status, error = "stopped", str(exc)
+            log(ERROR, "Stopped: %s (results so far are in %s)", exc, self.out)
+        if state_checksum(self.teacher.state_dict()) != teacher_before:
+            raise RuntimeError("the teacher changed during the run")  # a bug, never a user error
+        write_summary(self.out, self.summary(status=status, error=error))
+        log(INFO, "Results: %s", self.out)
+
+    def _evaluate_skip_zero(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # When resuming, round 0 of this start is the last completed round: already recorded.
+        return None if server_round == 0 else self.evaluate_round(server_round, arrays)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_run_config(context.run_config)
+    try:
+        run = FederatedRun(cfg)
+    except UserError as exc:
+        log(ERROR, "error: %s", exc)
+        raise SystemExit(2) from None
+    if cfg.random_teacher:
+        log(WARNING, "Using a random teacher: results are a smoke test, not a MergeNet result")
+    run.run(grid, resume=cfg.resume)

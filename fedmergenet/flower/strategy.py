@@ -1,0 +1,242 @@
+"""FedAvg + MergeNet: average the clients' students, then let the adapter write teacher
+knowledge into one layer of the average, and learn from where training took that layer.
+
+``aggregate_train`` (the Message-API successor of ``aggregate_fit``):
+1. rejects malformed replies (NaN/Inf, wrong names, shapes or dtypes, bad example counts);
+2. averages the rest by example count (``FedAvg``'s own code);
+3. learns: if the model sent out this round carried a fused layer, the new average of that
+   layer is where client training took it, and the adapter is pulled toward it;
+4. fuses: from ``fusion_start_round`` every ``fusion_frequency`` rounds, the average's
+   ``stage6.2.residual.6.weight`` is replaced by the adapter's fused layer. Every other
+   tensor, BatchNorm buffers included, passes through untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from ..fusion import KnowledgeFusionUnit
+from ..models import STUDENT_LAYER
+from .task import record_bytes
+
+
+class NodeWaitTimeout(RuntimeError):
+    """Too few clients connected within the allowed wait."""
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, gathered for the round's metrics row."""
+
+    sampled_train: int = 0
+    sampled_evaluate: int = 0
+    replies: int = 0
+    failures: int = 0
+    rejected: int = 0
+    rejections: list[str] = field(default_factory=list)
+    aggregated: bool = False
+    fusion_applied: int = 0
+    learned: int = 0
+    adapter_loss: float | None = None
+    adapter_lr: float | None = None
+    gate: float | None = None
+    fusion_ms: float = 0.0
+    aggregate_ms: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def spec_of(state: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """Names, shapes and dtypes every reply must match (from the student's state_dict)."""
+    return {name: TensorSpec(tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in state.items()}
+
+
+def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
+    """Why a train reply must not be averaged, or None when it is sound."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected exactly one ArrayRecord and one MetricRecord"
+    arrays = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not math.isfinite(examples):
+        return f"num-examples is {examples!r}"
+    if examples <= 0 or examples > max_examples:
+        return f"num-examples {examples} outside 1..{max_examples}"
+    missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
+    if missing or extra:
+        return f"tensor names differ (missing {missing[:3]}, extra {extra[:3]})"
+    for name, expected in spec.items():
+        array = arrays[name]
+        if tuple(array.shape) != expected.shape:
+            return f"{name} has shape {tuple(array.shape)}, expected {expected.shape}"
+        if array.dtype != expected.dtype:
+            return f"{name} has dtype {array.dtype}, expected {expected.dtype}"
+    for name, array in arrays.items():
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{name} contains NaN or Inf"
+    return None
+
+
+class FedMergeNet(FedAvg):
+    """FedAvg whose aggregate is fused with teacher knowledge by a learning adapter."""
+
+    def __init__(
+        self,
+        *,
+        spec: dict[str, TensorSpec],
+        fusion_unit: KnowledgeFusionUnit | None = None,
+        fusion_start_round: int = 2,
+        fusion_frequency: int = 1,
+        max_examples: int = 10**8,
+        node_wait_timeout: float = 300.0,
+        target: str = STUDENT_LAYER,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.spec = spec
+        self.fusion_unit = fusion_unit
+        self.fusion_start_round = fusion_start_round
+        self.fusion_frequency = fusion_frequency
+        self.max_examples = max_examples
+        self.node_wait_timeout = node_wait_timeout
+        self.target = target
+        # The fused layer inside the global model now in circulation, until it is learned from.
+        self.pending_fused: torch.Tensor | None = None
+        self.rounds: dict[int, RoundLog] = {}
+        # A resumed run restarts Flower's round counter at 1; hooks translate to the real round.
+        self.round_offset = 0
+
+    def round_log(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def fuses_in(self, server_round: int) -> bool:
+        return (
+            self.fusion_unit is not None
+            and server_round >= self.fusion_start_round
+            and (server_round - self.fusion_start_round) % self.fusion_frequency == 0
+        )
+
+    # --- sending ----------------------------------------------------------------------
+    def wait_for_nodes(self, grid: Grid, needed: int) -> None:
+        """Flower waits forever for the minimum of nodes; we wait a bounded time and say so."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if time.monotonic() > deadline:
+                raise NodeWaitTimeout(
+                    f"only {connected} of the {needed} required clients connected within "
+                    f"{self.node_wait_timeout:.0f} s; start more clients or lower --min-clients"
+                )
+            time.sleep(1.0)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
+        self.wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        log_ = self.round_log(server_round)
+        log_.sampled_train = len(messages)
+        log_.bytes_down += len(messages) * record_bytes(arrays)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
+        if self.fraction_evaluate == 0.0:
+            return []
+        self.wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        log_ = self.round_log(server_round)
+        log_.sampled_evaluate = len(messages)
+        log_.bytes_down += len(messages) * record_bytes(arrays)
+        return messages
+
+    # --- receiving --------------------------------------------------------------------
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Keep the sound replies; count failures and name every rejection."""
+        log_ = self.round_log(server_round)
+        sound = []
+        for msg in replies:
+            if msg.has_error():
+                log_.failures += 1
+                continue
+            log_.replies += 1
+            log_.bytes_up += sum(record_bytes(r) for r in msg.content.array_records.values())
+            reason = check_reply(msg, self.spec, self.max_examples)
+            if reason is None:
+                sound.append(msg)
+                continue
+            log_.rejected += 1
+            log_.rejections.append(f"node {msg.metadata.src_node_id}: {reason}")
+            log(WARNING, "Rejected the update of node %s: %s", msg.metadata.src_node_id, reason)
+        return sound
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        log_ = self.round_log(server_round)
+        sound = self.screen_replies(server_round, replies)
+        start = time.perf_counter()
+        arrays, metrics = super().aggregate_train(server_round, sound)
+        log_.aggregate_ms = 1000 * (time.perf_counter() - start)
+        if arrays is None:
+            log(WARNING, "Round %s: no sound update (%s failures, %s rejected); the global model is kept",
+                server_round, log_.failures, log_.rejected)
+            return None, metrics
+        log_.aggregated = True
+        log_.train_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        if self.fusion_unit is not None:
+            start = time.perf_counter()
+            self.learn_and_fuse(server_round, arrays, log_)
+            log_.fusion_ms = 1000 * (time.perf_counter() - start)
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics["fusion-applied"] = log_.fusion_applied
+        metrics["fusion-ms"] = log_.fusion_ms
+        if log_.adapter_loss is not None:
+            metrics["adapter-loss"] = log_.adapter_loss
+        metrics["rejected-replies"] = log_.rejected
+        return arrays, metrics
+
+    def learn_and_fuse(self, server_round: int, arrays: ArrayRecord, log_: RoundLog) -> None:
+        unit = self.fusion_unit
+        assert unit is not None
+        average = torch.from_numpy(arrays[self.target].numpy().copy())
+        if self.pending_fused is not None:
+            log_.adapter_loss = unit.learn(self.pending_fused, average)
+            log_.learned = 1
+            self.pending_fused = None
+        if self.fuses_in(server_round):
+            fused = unit.fuse(average)
+            arrays[self.target] = Array(fused.numpy())
+            self.pending_fused = fused
+            log_.fusion_applied = 1
+            log(INFO, "Round %s: fused %s with the teacher (gate %.4g)", server_round, self.target, float(unit.gate))
+        log_.adapter_lr = unit.lr
+        log_.gate = float(unit.gate)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        log_ = self.round_log(server_round)
+        log_.evaluate_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        log_.evaluate_metrics["replies"] = float(sum(not m.has_error() for m in replies))
+        return metrics

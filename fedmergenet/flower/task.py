@@ -1,0 +1,94 @@
+"""What clients and server need from the ML side: data splits, model <-> records, sizes.
+
+Flower's plumbing stays in the app files; this module holds no Flower control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig
+from ..data import ImageDataset, load_dataset, make_loader, partition_indices, split_train_val
+from ..models import MobileNetV2, build_student
+
+
+@lru_cache(maxsize=4)
+def cached_dataset(name: str, data_dir: str, train: bool, limit: int, seed: int) -> ImageDataset:
+    """A ClientApp process serves many messages: read and decode the dataset once per process."""
+    return load_dataset(name, data_dir, train=train, limit=limit, seed=seed)
+
+
+def train_set(cfg: RunConfig) -> ImageDataset:
+    return cached_dataset(cfg.dataset, cfg.data_dir, True, cfg.train_limit, cfg.seed)
+
+
+def test_set(cfg: RunConfig) -> ImageDataset:
+    return cached_dataset(cfg.dataset, cfg.data_dir, False, cfg.test_limit, cfg.seed)
+
+
+def client_partitions(cfg: RunConfig, num_partitions: int | None = None) -> list[np.ndarray]:
+    """Every client's indices into the training set; the central baseline trains on their union."""
+    labels = train_set(cfg).labels
+    alpha = cfg.alpha if cfg.alpha > 0 else None
+    n = num_partitions or cfg.num_clients
+    return partition_indices(labels, n, alpha=alpha, seed=cfg.seed, min_partition_size=min(10, len(labels) // n))
+
+
+@dataclass
+class ClientData:
+    train: DataLoader
+    val: DataLoader
+    num_train: int
+    num_val: int
+
+
+def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, round_seed: int = 0, pin_memory: bool = False) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions``, split into local train and validation."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    dataset = train_set(cfg)
+    indices = client_partitions(cfg, num_partitions)[partition_id]
+    train_idx, val_idx = split_train_val(indices, cfg.val_fraction, seed=cfg.seed + partition_id)
+    # Reshuffle differently every round, yet reproducibly.
+    loader_seed = cfg.seed * 100_003 + partition_id * 1_009 + round_seed
+    return ClientData(
+        train=make_loader(dataset, train_idx, cfg.batch_size, train=True, seed=loader_seed, pin_memory=pin_memory),
+        val=make_loader(dataset, val_idx, cfg.eval_batch_size, train=False, seed=0, pin_memory=pin_memory),
+        num_train=len(train_idx),
+        num_val=len(val_idx),
+    )
+
+
+def test_loader(cfg: RunConfig) -> DataLoader:
+    dataset = test_set(cfg)
+    return make_loader(dataset, None, cfg.eval_batch_size, train=False, seed=0)
+
+
+def new_student(cfg: RunConfig) -> MobileNetV2:
+    return build_student(num_classes=train_set(cfg).num_classes)
+
+
+def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Load by name, strictly: a missing or extra tensor is an error, never silently skipped."""
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def record_bytes(arrays: ArrayRecord) -> int:
+    """Payload size of an ArrayRecord as it travels (raw tensor bytes)."""
+    return int(sum(len(array.data) for array in arrays.values()))
+
+
+def global_epoch(cfg: RunConfig, server_round: int) -> int:
+    """The global epoch a round starts at: its LR is the central baseline's LR at that epoch."""
+    return (server_round - 1) * cfg.local_epochs
+
+
+def output_path(cfg: RunConfig) -> Path:
+    return cfg.output_path()

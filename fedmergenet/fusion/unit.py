@@ -1,0 +1,203 @@
+"""The knowledge fusion unit: the one object that owns the frozen teacher matrix, the
+adapter, its optimiser and its schedule.
+
+``fuse(student_layer)`` writes teacher knowledge into a student layer; ``learn(fused,
+observed)`` is MergeNet's hypernetwork update: the adapter's output is pulled toward where
+training then took that layer (gradients with ``grad_outputs = fused - observed``).
+
+Scale safety: the adapter ends in a LayerNorm, so its raw output has unit-scale entries
+while the layer it replaces has entries around 0.05. MergeNet recovered from that by
+updating the adapter on every batch; federated training updates it once per round. The
+default ``gated`` mode therefore writes ``student + gate * std(student) * adapter(...)``
+with a zero-initialised learnable gate: the first fusion is the identity and the adapter's
+effect grows only as far as learning pulls it. ``replace`` is the original behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from .param_attention import ParamAttention, as_matrix
+
+
+GATE_LR_SCALE = 10.0
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class _Pending:
+    """The last fusion, kept until learn(): its input, dropout seed and (live) output."""
+
+    student: torch.Tensor
+    seed: int
+    output: torch.Tensor | None = None
+
+
+class KnowledgeFusionUnit:
+    def __init__(
+        self,
+        teacher_matrix: torch.Tensor,
+        student_shape: tuple[int, ...],
+        config: AdapterConfig | None = None,
+        total_updates: int = 100,
+        device: str | torch.device | None = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.config = config or AdapterConfig()
+        if self.config.mode not in ("gated", "replace"):
+            raise ValueError(f"unknown fusion mode {self.config.mode!r}")
+        self.device = resolve_device(device)
+        self.student_shape = tuple(student_shape)
+        matrix_shape = (self.student_shape[0], math.prod(self.student_shape[1:]))
+        # The teacher is frozen: a detached copy nobody can train.
+        self.teacher = as_matrix(teacher_matrix).detach().to(self.device, torch.float32).clone()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adapter = ParamAttention(matrix_shape, tuple(self.teacher.shape), self.config.h, self.config.num_layers)
+        self.adapter.to(self.device)
+        self.gate = nn.Parameter(torch.zeros((), device=self.device))
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr)
+        self.total_updates = max(1, int(total_updates))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.updates = 0
+        self._seeds = random.Random(seed)
+        self._pending: _Pending | None = None
+
+    # --- public API ------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        params = list(self.adapter.parameters())
+        return params + [self.gate] if self.config.mode == "gated" else params
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def fuse(self, student_layer: torch.Tensor) -> torch.Tensor:
+        """Return the fused layer (same shape, dtype and device as the input)."""
+        if tuple(student_layer.shape) != self.student_shape:
+            raise ValueError(f"student layer has shape {tuple(student_layer.shape)}, expected {self.student_shape}")
+        student = as_matrix(student_layer).detach().to(self.device, torch.float32)
+        pending = _Pending(student=student, seed=self._seeds.randrange(2**31))
+        pending.output = self._forward(pending)
+        self._pending = pending
+        return pending.output.detach().reshape(student_layer.shape).to(student_layer.device, student_layer.dtype)
+
+    def learn(self, fused_layer: torch.Tensor, observed_layer: torch.Tensor) -> float:
+        """One hypernetwork update toward ``observed_layer``; returns the mean squared gap.
+
+        ``fused_layer`` must be what the last ``fuse()`` returned: it is the output whose
+        graph carries the gradient to the adapter.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("learn() needs a fuse() first")
+        output = pending.output if pending.output is not None else self._forward(pending)
+        fused = as_matrix(fused_layer).to(self.device, torch.float32)
+        if not torch.allclose(fused, output.detach(), rtol=1e-4, atol=1e-5):
+            raise ValueError("learn() got a fused layer that is not the output of the last fuse()")
+        observed = as_matrix(observed_layer).detach().to(self.device, torch.float32)
+        delta = output.detach() - observed
+        params = self.parameters()
+        self.optimizer.zero_grad(set_to_none=True)
+        grads = torch.autograd.grad([output], params, grad_outputs=[delta], allow_unused=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.updates += 1
+        self._pending = None
+        return float(delta.pow(2).mean())
+
+    def set_teacher(self, teacher_matrix: torch.Tensor) -> None:
+        """A co-trained teacher (the original baseline's option) moves; the adapter follows it."""
+        matrix = as_matrix(teacher_matrix).detach().to(self.device, torch.float32)
+        if matrix.shape != self.teacher.shape:
+            raise ValueError(f"teacher matrix has shape {tuple(matrix.shape)}, expected {tuple(self.teacher.shape)}")
+        self.teacher = matrix.clone()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = None
+        if self._pending is not None:
+            pending = {"student": self._pending.student.cpu(), "seed": self._pending.seed}
+        return {
+            "adapter": self.adapter.state_dict(),
+            "gate": self.gate.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "updates": self.updates,
+            "total_updates": self.total_updates,
+            "config": asdict(self.config),
+            "seeds": list(self._seeds.getstate()[1]),
+            "seeds_version": self._seeds.getstate()[0],
+            "seeds_gauss": self._seeds.getstate()[2],
+            "pending": pending,
+            "teacher_shape": list(self.teacher.shape),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["teacher_shape"]) != list(self.teacher.shape):
+            raise ValueError(f"fusion state is for a teacher of shape {state['teacher_shape']}")
+        self.adapter.load_state_dict(state["adapter"])
+        with torch.no_grad():
+            self.gate.copy_(state["gate"].to(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.updates = int(state["updates"])
+        self.total_updates = int(state["total_updates"])
+        self._seeds.setstate((state["seeds_version"], tuple(state["seeds"]), state["seeds_gauss"]))
+        pending = state.get("pending")
+        self._pending = None
+        if pending is not None:
+            # The graph is not saved: learn() recomputes the output from the same input and seed.
+            self._pending = _Pending(student=pending["student"].to(self.device), seed=int(pending["seed"]))
+
+    # --- internals ---------------------------------------------------------------------
+    def _forward(self, pending: _Pending) -> torch.Tensor:
+        """The adapter's output, with dropout drawn from the fusion's own seed (reproducible)."""
+        self.adapter.train()  # MergeNet fuses with dropout active
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(pending.seed)
+            raw = self.adapter(pending.student, self.teacher)
+        if self.config.mode == "replace":
+            return raw
+        # std of the input is a constant of this fusion, not something to learn through.
+        return pending.student + self.gate * pending.student.std() * raw
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        # As MergeNet: no weight decay on biases and norms (nor on the gate).
+        decay, no_decay = [], []
+        for name, param in self.adapter.named_parameters():
+            (no_decay if ("bias" in name or "norm" in name) else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            # A lone scalar moves about one lr per Adam step; a larger step lets the gate
+            # open within tens of rounds instead of hundreds.
+            {"params": [self.gate], "weight_decay": 0.0, "lr": self.config.lr * GATE_LR_SCALE},
+        ]
+
+    def _lr_factor(self, step: int) -> float:
+        """Constant during warm-up, then cosine to zero over the remaining updates (MergeNet)."""
+        warmup = self.config.warmup_updates
+        if step < warmup:
+            return 1.0
+        span = max(1, self.total_updates - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))

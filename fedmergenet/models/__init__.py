@@ -1,0 +1,37 @@
+"""Student and teacher models, and the names of the tensors MergeNet connects."""
+
+from __future__ import annotations
+
+import torch
+
+from .mobilenetv2 import MobileNetV2
+from .resnet import ResNet50
+
+# The student layer the adapter rewrites and the teacher matrix it attends to.
+STUDENT_LAYER = "stage6.2.residual.6.weight"
+TEACHER_LAYER = "fc.weight"
+
+
+def build_student(num_classes: int = 100, in_channels: int = 3) -> MobileNetV2:
+    return MobileNetV2(num_classes=num_classes, in_channels=in_channels)
+
+
+def build_teacher(num_classes: int = 100, in_channels: int = 3) -> ResNet50:
+    return ResNet50(num_classes=num_classes, in_channels=in_channels)
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 over every tensor by name: equal checksums mean equal models."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+__all__ = ["MobileNetV2", "ResNet50", "STUDENT_LAYER", "TEACHER_LAYER", "build_student", "build_teacher", "state_checksum"]

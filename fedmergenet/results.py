@@ -1,0 +1,164 @@
+"""The results format: one module writes it, every reader (report, resume, tests) reads it here.
+
+A run folder holds:
+- ``metrics.jsonl``: one JSON object per round (federated arms) or epoch (central arms),
+  appended as each ends, so a crashed run keeps its history;
+- ``summary.json``: what the run was (arm, config, teacher, versions) and how it ended.
+
+Accuracies are fractions in [0, 1]. ``epoch_equiv`` counts passes over the training data
+(rounds x local epochs for the federated arms), so arms compare on the same axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARMS = ("central", "central_mergenet", "fedavg", "fedavg_mergenet")
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Keys every metrics row carries; the report relies on them.
+ROW_KEYS = ("epoch_equiv", "test_top1", "test_top5", "test_loss", "fusion_applied", "wall_time_s")
+SUMMARY_KEYS = ("arm", "best_top1", "final_top1", "config")
+
+
+class ResultsError(ValueError):
+    """A run folder whose files are missing or do not follow the format."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or Inf: write them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """Append one round's (or epoch's) metrics as a JSON line and flush it to disk."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def rewrite_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the metrics file with exactly these rows (used when resuming)."""
+    text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
+    atomic_write_text(run_dir / METRICS_FILE, text)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Read every complete row; a torn last line (a crash mid-write) is dropped."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ResultsError(f"{path} is missing")
+    rows: list[dict[str, Any]] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ResultsError(f"{path}:{number} is not JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ResultsError(f"{path}:{number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        raise ResultsError(f"{path} is missing")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not JSON ({exc.msg})") from exc
+    if not isinstance(summary, dict):
+        raise ResultsError(f"{path} is not a JSON object")
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ResultsError(f"{path} lacks {', '.join(missing)}")
+    if summary["arm"] not in ARMS:
+        raise ResultsError(f"{path} names an unknown arm {summary['arm']!r}")
+    return summary
+
+
+@dataclass
+class RunResult:
+    """A run folder read back: its summary and its rows."""
+
+    path: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def arm(self) -> str:
+        return str(self.summary["arm"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.summary.get("config", {}).get("seed", 0))
+
+
+def read_run(run_dir: Path) -> RunResult:
+    """Read and check one run folder; raises ResultsError saying what is wrong."""
+    summary = read_summary(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ResultsError(f"{run_dir / METRICS_FILE} has no rows")
+    for number, row in enumerate(rows, start=1):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ResultsError(f"{run_dir / METRICS_FILE} row {number} lacks {', '.join(missing)}")
+    return RunResult(path=run_dir, summary=summary, rows=rows)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide whether two runs are comparable."""
+    import flwr
+    import numpy
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
+        "numpy": numpy.__version__,
+    }

@@ -1,0 +1,115 @@
+"""The frozen ResNet50 teacher: checkpoint format, loading with checks, and a random stand-in.
+
+A checkpoint is a plain dict (loadable with ``weights_only=True``): ``state_dict`` plus what
+it was trained on (dataset, classes, epochs, accuracy), so a mismatch is caught at start-up
+rather than after hours of training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .models import TEACHER_LAYER, ResNet50, build_teacher, state_checksum
+
+PRETRAIN_HINT = "make one with: python run_federated_mergenet.py --pretrain-teacher --dataset {dataset}"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    source: str  # "checkpoint" or "random"
+    path: str
+    dataset: str
+    num_classes: int
+    epochs: int
+    test_top1: float | None
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save through a temporary file and a rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def save_teacher(model: ResNet50, path: Path, *, dataset: str, epochs: int, test_top1: float, extra: dict | None = None) -> None:
+    payload = {
+        "state_dict": model.state_dict(),
+        "architecture": "resnet50-cifar",
+        "dataset": dataset,
+        "num_classes": int(model.fc.out_features),
+        "in_channels": int(model.conv1[0].in_channels),
+        "epochs": int(epochs),
+        "test_top1": float(test_top1),
+        **(extra or {}),
+    }
+    save_checkpoint(Path(path), payload)
+
+
+def load_teacher(path: Path, *, dataset: str, num_classes: int, in_channels: int = 3) -> tuple[ResNet50, TeacherInfo]:
+    """Load and check a teacher checkpoint; every problem is a one-line CheckpointError."""
+    path = Path(path)
+    hint = PRETRAIN_HINT.format(dataset=dataset)
+    if not path.is_file():
+        raise CheckpointError(f"teacher checkpoint {path} not found; {hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file: say which, not how pickle failed
+        raise CheckpointError(f"teacher checkpoint {path} is unreadable ({type(exc).__name__}); {hint}") from exc
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"teacher checkpoint {path} has no state_dict; {hint}")
+    if payload.get("dataset", dataset) != dataset:
+        raise CheckpointError(f"teacher checkpoint {path} was trained on {payload['dataset']}, not {dataset}; {hint}")
+    state = payload["state_dict"]
+    fc = state.get(TEACHER_LAYER)
+    if fc is None or tuple(fc.shape) != (num_classes, 2048):
+        shape = None if fc is None else tuple(fc.shape)
+        raise CheckpointError(
+            f"teacher checkpoint {path} has {TEACHER_LAYER} of shape {shape}, expected ({num_classes}, 2048) "
+            f"for {dataset}; {hint}"
+        )
+    model = build_teacher(num_classes=num_classes, in_channels=in_channels)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"teacher checkpoint {path} does not fit a CIFAR ResNet50 ({first}); {hint}") from exc
+    freeze(model)
+    info = TeacherInfo(
+        source="checkpoint",
+        path=str(path.resolve()),
+        dataset=dataset,
+        num_classes=num_classes,
+        epochs=int(payload.get("epochs", 0)),
+        test_top1=payload.get("test_top1"),
+        sha256=state_checksum(model.state_dict()),
+    )
+    return model, info
+
+
+def random_teacher(*, dataset: str, num_classes: int, in_channels: int = 3, seed: int = 0) -> tuple[ResNet50, TeacherInfo]:
+    """An untrained teacher, for smoke tests only: fusion then transfers no knowledge."""
+    warnings.warn("--random-teacher: the teacher is untrained, so fusion transfers no knowledge (recorded in the results)",
+                  stacklevel=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_teacher(num_classes=num_classes, in_channels=in_channels)
+    freeze(model)
+    info = TeacherInfo("random", "", dataset, num_classes, 0, None, state_checksum(model.state_dict()))
+    return model, info
+
+
+def freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)

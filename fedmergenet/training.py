@@ -1,0 +1,117 @@
+"""The one training loop and the one evaluation loop.
+
+Clients, the central baseline and teacher pretraining all call these, so a change to how a
+model trains or is measured reaches every arm of a comparison at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+# Called around each optimiser step with the batch index and the batch; the central
+# MergeNet baseline fuses before a step and updates the adapter (and a co-trained teacher) after.
+BatchHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    top1: float  # fraction in [0, 1]
+    top5: float
+    examples: int
+
+
+def make_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, milestones: Iterable[int], gamma: float, start_epoch: int = 0
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR positioned at ``start_epoch``: a client at global epoch e trains with the
+    learning rate the central baseline uses at epoch e."""
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    for _ in range(start_epoch):
+        optimizer.step()  # no gradients yet: a no-op that keeps the step order torch expects
+        scheduler.step()
+    return scheduler
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    desc: str = "train",
+    before_step: BatchHook | None = None,
+    after_step: BatchHook | None = None,
+    progress: bool | None = None,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss per example."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total_loss, total = 0.0, 0
+    if progress is None:  # bars for people at a terminal, not for Ray actors' captured output
+        progress = sys.stderr.isatty()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(bar):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if before_step is not None:
+            before_step(step, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step, images, labels)
+        total_loss += loss.item() * labels.size(0)
+        total += labels.size(0)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+    return total_loss / max(total, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval", progress: bool = False) -> EvalResult:
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, correct1, correct5, total = 0.0, 0, 0, 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss_sum += criterion(logits, labels).item()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        total += labels.size(0)
+    if total == 0:
+        return EvalResult(loss=float("nan"), top1=0.0, top5=0.0, examples=0)
+    return EvalResult(loss=loss_sum / total, top1=correct1 / total, top5=correct5 / total, examples=total)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str) -> torch.device:
+    """``cuda`` without a GPU falls back to the CPU with a warning rather than failing."""
+    import warnings
+
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        warnings.warn("--device cuda requested but no GPU is available; training on the CPU", stacklevel=2)
+    return torch.device("cpu")

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Launcher for federated MergeNet.
+#
+#   ./start_federated_experiment.sh                 menu (only when stdin is a terminal)
+#   ./start_federated_experiment.sh quick [ARGS]    quick experiment (simulation)
+#   ./start_federated_experiment.sh client 0 --device cuda
+#
+# The project's virtual environment is $FEDMERGENET_VENV (default: .venv next to this
+# script); it is created on first use and reused afterwards. Nothing is ever installed
+# into the system Python. Every Python command is exec'd, so Ctrl-C reaches Python
+# directly and the launcher exits with Python's exit code.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$SCRIPT_DIR"
+
+VENV="${FEDMERGENET_VENV:-$SCRIPT_DIR/.venv}"
+PY="$VENV/bin/python"
+PROG="$(basename "$0")"
+
+usage() {
+    cat <<EOF
+Usage: $PROG [SUBCOMMAND] [ARGS...]
+
+Subcommands (extra ARGS are passed on to the Python entry point):
+  quick [ARGS]        quick experiment: run_federated_mergenet.py --preset quick
+  suite [ARGS]        the four arms and the report: run_federated_mergenet.py --suite
+  paper [ARGS]        paper preset: run_federated_mergenet.py --preset paper
+  server [ARGS]       SuperLink + app in deployment mode: federated_mergenet_server.py
+  client ID [ARGS]    one client (SuperNode) with numeric id ID: federated_mergenet_client.py
+  compare [ARGS]      comparison report: compare_results.py [RESULT_DIR ...] [--out DIR]
+  setup               create (or reuse) the virtual environment and exit
+  test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest -q)
+  help, -h, --help    show this text
+
+Without a subcommand an interactive menu is shown (stdin must be a terminal).
+
+Environment:
+  FEDMERGENET_VENV    virtual environment to use or create (default: $SCRIPT_DIR/.venv)
+
+Examples:
+  $PROG quick --seeds 0 1 2
+  $PROG server --rounds 10 --min-clients 2 --insecure
+  $PROG client 0 --device cuda --server_address 127.0.0.1:9092 --insecure
+  $PROG compare results --out results/comparison
+EOF
+}
+
+usage_error() {
+    [ "$#" -gt 0 ] && echo "error: $*" >&2
+    usage >&2
+    exit 2
+}
+
+# Create the virtual environment if it is missing; reuse it otherwise.
+ensure_venv() {
+    if [ -x "$PY" ]; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "error: python3 not found; it is needed to create $VENV" >&2
+        exit 1
+    fi
+    echo "Creating virtual environment at $VENV ..." >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -r "$SCRIPT_DIR/requirements_federated.txt"
+    "$VENV/bin/pip" install --no-build-isolation --no-deps -e "$SCRIPT_DIR"
+}
+
+prepare() {
+    ensure_venv
+    mkdir -p logs results checkpoints
+}
+
+# run SCRIPT [ARGS...]: replace this shell with the Python entry point.
+run() {
+    prepare
+    exec "$PY" "$@"
+}
+
+check_client_id() {
+    if [ -z "${1:-}" ]; then
+        usage_error "client needs a numeric client id, e.g. '$PROG client 0'"
+    fi
+    case "$1" in
+        *[!0-9]*) usage_error "client id must be a non-negative integer, got '$1'" ;;
+    esac
+}
+
+menu() {
+    cat <<EOF
+==========================================
+  Federated MergeNet
+==========================================
+  1) Full experiment (quick run, simulation)
+  2) Server only
+  3) One client
+  4) Compare results
+  5) Comparison suite (four arms + report)
+  0) Quit
+EOF
+    local choice client_id device
+    read -r -p "Choice [0-5]: " choice || exit 0
+    case "$choice" in
+        1) run run_federated_mergenet.py --preset quick ;;
+        2) run federated_mergenet_server.py --insecure ;;
+        3)
+            read -r -p "Client id (e.g. 0): " client_id || exit 0
+            check_client_id "$client_id"
+            read -r -p "Device [cpu/cuda] (default cpu): " device || exit 0
+            device="${device:-cpu}"
+            case "$device" in
+                cpu | cuda) ;;
+                *) usage_error "device must be cpu or cuda, got '$device'" ;;
+            esac
+            run federated_mergenet_client.py --client_id "$client_id" --device "$device" --insecure
+            ;;
+        4) run compare_results.py ;;
+        5) run run_federated_mergenet.py --suite ;;
+        0 | q | Q) exit 0 ;;
+        *) usage_error "unknown choice '$choice'" ;;
+    esac
+}
+
+if [ "$#" -eq 0 ]; then
+    if [ -t 0 ]; then
+        menu
+        exit 0
+    fi
+    usage_error "no subcommand given (the menu needs a terminal on stdin)"
+fi
+
+cmd="$1"
+shift
+case "$cmd" in
+    help | -h | --help)
+        usage
+        exit 0
+        ;;
+    setup)
+        ensure_venv
+        echo "Virtual environment ready: $VENV"
+        exit 0
+        ;;
+    quick) run run_federated_mergenet.py --preset quick "$@" ;;
+    suite) run run_federated_mergenet.py --suite "$@" ;;
+    paper) run run_federated_mergenet.py --preset paper "$@" ;;
+    server) run federated_mergenet_server.py "$@" ;;
+    client)
+        check_client_id "${1:-}"
+        client_id="$1"
+        shift
+        run federated_mergenet_client.py --client_id "$client_id" "$@"
+        ;;
+    compare) run compare_results.py "$@" ;;
+    test)
+        ensure_venv
+        exec "$PY" -m pytest -q "$@"
+        ;;
+    *) usage_error "unknown subcommand '$cmd'" ;;
+esac

@@ -1,0 +1,112 @@
+"""The launcher start_federated_experiment.sh, driven the way a user would drive it.
+
+Every call points FEDMERGENET_VENV at the project's existing virtual environment, so nothing
+is installed, closes stdin (so the interactive menu can never wait on `read`) and has a
+timeout. None of these tests starts training: they stop at usage errors, `help`, `setup`,
+or a `compare` on an empty results folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "start_federated_experiment.sh"
+VENV = ROOT / ".venv"  # the project's existing virtual environment: nothing gets installed
+SUBCOMMANDS = ["quick", "suite", "paper", "server", "client", "compare", "setup", "help"]
+
+
+def launch(*args: str, script: Path = SCRIPT, timeout: float = 20) -> subprocess.CompletedProcess:
+    """./start_federated_experiment.sh ARGS with stdin closed and the existing venv."""
+    env = {**os.environ, "FEDMERGENET_VENV": str(VENV)}
+    return subprocess.run(
+        ["bash", str(script), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_venv_is_the_projects():
+    assert (VENV / "bin" / "python").exists()
+
+
+def test_script_is_executable_and_parses():
+    assert os.access(SCRIPT, os.X_OK)
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=20)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_passes():
+    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_lists_subcommands():
+    for flag in ("help", "-h", "--help"):
+        result = launch(flag)
+        assert result.returncode == 0, result.stderr
+        for sub in SUBCOMMANDS:
+            assert sub in result.stdout
+
+
+def test_no_subcommand_without_terminal_prints_usage_and_exits_2():
+    # stdin is /dev/null, not a terminal: no menu, no `read`, no hang.
+    result = launch(timeout=20)
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr
+    assert "quick" in result.stderr
+
+
+def test_unknown_subcommand_exits_2():
+    result = launch("train-everything")
+    assert result.returncode == 2
+    assert "unknown subcommand" in result.stderr
+    assert "Usage:" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["client"], ["client", "abc"], ["client", "--device", "cpu"]])
+def test_client_needs_numeric_id(args):
+    # Checked by the launcher itself, before any Python entry point is looked at.
+    result = launch(*args)
+    assert result.returncode == 2
+    assert "client id" in result.stderr
+
+
+def test_compare_on_empty_results_is_a_one_line_error(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "comparison"
+    results.mkdir()
+    result = launch("compare", str(results), "--out", str(out))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_setup_reuses_existing_venv_and_creates_nothing(tmp_path):
+    # A copy of the launcher in an empty folder: setup must not create logs/, results/,
+    # checkpoints/ or a .venv there, nor touch the venv it reuses.
+    script = tmp_path / SCRIPT.name
+    shutil.copy2(SCRIPT, script)
+    venv_bin_before = sorted(p.name for p in (VENV / "bin").iterdir())
+    result = launch("setup", script=script)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [script.name]
+    assert sorted(p.name for p in (VENV / "bin").iterdir()) == venv_bin_before
+
+
+def test_pip_is_only_ever_the_venvs():
+    # Never a bare `pip install` (which could hit the system Python).
+    lines = [line.strip() for line in SCRIPT.read_text().splitlines()]
+    pip_lines = [line for line in lines if re.search(r"\bpip3?\b[\"']?\s+install", line)]
+    assert pip_lines, "the launcher installs requirements into a fresh venv"
+    for line in pip_lines:
+        assert line.startswith(('"$VENV/bin/pip" install', '"${VENV}/bin/pip" install')), line
