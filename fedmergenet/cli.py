@@ -6,6 +6,7 @@ Every run option is a RunConfig field, so the same flags work on the runner and 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +20,9 @@ def door(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str]
     """Bad input becomes one line on stderr and exit code 2, never a traceback."""
 
     def wrapped(argv: Sequence[str] | None = None) -> int:
+        # SIGTERM unwinds like Ctrl-C, so every child process is stopped on the way out.
+        signal.signal(signal.SIGTERM, _terminate)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
         try:
             return main(argv)
@@ -30,6 +34,10 @@ def door(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str]
             return 130
 
     return wrapped
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
@@ -60,8 +68,22 @@ def _tls(args: argparse.Namespace, server: bool):
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    base = apply_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
+    """Preset (or, when resuming, the run's own saved config), then explicit flags on top."""
+    if getattr(args, "resume_dir", None):
+        base = saved_config(Path(args.resume_dir))
+    else:
+        base = apply_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
     return config_from_args(args, base)
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    from .results import ResultsError, read_summary
+
+    try:
+        saved = read_summary(run_dir)["config"]
+    except ResultsError as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    return RunConfig.from_run_config(saved).replace(output_dir=str(run_dir), resume=True)
 
 
 # --- run_federated_mergenet.py ---------------------------------------------------------

@@ -91,11 +91,13 @@ class RunConfig:
     teacher_checkpoint: str = ""  # "" = checkpoints/teacher_resnet50_<dataset>.pt
     random_teacher: bool = False
     teacher_epochs: int = 1
+    teacher_lr: float = 0.02  # a one-epoch ResNet50 diverges at 0.1; the paper preset uses 0.1
     # Runtime
     output_dir: str = ""  # "" = results/<arm>
     seed: int = 0
     device: str = "cpu"  # client training device
     server_device: str = "auto"  # fusion and central evaluation
+    client_threads: int = 0  # torch threads per client; 0 = torch's default (simulation sets its CPUs per client)
     round_timeout: float = 3600.0  # seconds a train/evaluate phase may take
     node_wait_timeout: float = 300.0  # seconds to wait for the minimum of clients
     eval_batch_size: int = 256
@@ -256,6 +258,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "fusion":
             group.add_argument("--no-fusion", dest="fusion", action="store_const", const=False, default=None, help=help_text)
             continue
+        if f.name == "resume":
+            group.add_argument("--resume", dest="resume_dir", metavar="OUTPUT_DIR", default=None,
+                               help="continue the run in OUTPUT_DIR from its last completed round")
+            continue
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":
             group.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
@@ -272,6 +278,8 @@ def to_flags(cfg: RunConfig) -> list[str]:
         value = getattr(cfg, f.name)
         if f.name == "fusion":
             flags += [] if value else ["--no-fusion"]
+        elif f.name == "resume":
+            flags += ["--resume", cfg.output_dir] if value else []
         elif isinstance(value, bool):
             flags += ["--" + key_of(f.name)] if value else []
         else:
@@ -283,6 +291,8 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     """Explicit flags override the base (a preset or the defaults)."""
     base = base or RunConfig()
     changes = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    if getattr(args, "resume_dir", None):
+        changes.update(resume=True, output_dir=str(args.resume_dir))
     if "alpha" in changes and changes["alpha"] <= 0:
         raise ConfigError(f"--alpha must be > 0 (got {changes['alpha']}); leave it unset for IID partitions")
     return validate(base.replace(**changes))

@@ -59,9 +59,11 @@ def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
     return out
 
 
-def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = True) -> Path:
+def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = True, app_dir: Path = PROJECT_ROOT) -> Path:
     """The whole federation in Flower's simulation engine, on this machine."""
     cfg = preflight(cfg)
+    if cfg.client_threads == 0:
+        cfg = cfg.replace(client_threads=num_cpus_per_client)  # each Ray actor holds this many CPUs
     env = runtime.flwr_env()
     port = runtime.free_port()
     name = f"fedmergenet-sim-{port}"
@@ -77,7 +79,7 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
             out / "superlink.out", env,
         )
         runtime.wait_for_port("127.0.0.1", port, timeout=60, process=link)
-        run_id = runtime.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo,
+        run_id = runtime.flwr_run(app_dir, name, run_config, env, log_path, echo=echo,
                                   federation_config=federation)
         status = wait_status(name, run_id, env)
     runtime.remove_connection(Path(env["FLWR_HOME"]), name)

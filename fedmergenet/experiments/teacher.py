@@ -22,7 +22,7 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
     dataset = train_set(cfg)
     loader = make_loader(dataset, None, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda")
     model = build_teacher(num_classes=dataset.num_classes).to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.teacher_lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
     start = time.time()
     for epoch in range(1, cfg.teacher_epochs + 1):

@@ -228,14 +228,15 @@ def flwr_run(app_dir: Path, connection: str, run_config_file: Path, env: dict[st
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             assert process.stdout is not None
-            for line in process.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                if run_id is None and "run" in line.lower():
-                    run_id = _run_id_from(line) or run_id
+            with process.stdout:
+                for line in process.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    if echo:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    if run_id is None and "run" in line.lower():
+                        run_id = _run_id_from(line) or run_id
             process.wait()
         finally:
             stop_process(process)

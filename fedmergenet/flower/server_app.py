@@ -31,6 +31,22 @@ def fusion_rounds(cfg: RunConfig) -> int:
     return len(range(cfg.fusion_start_round, cfg.rounds + 1, cfg.fusion_frequency))
 
 
+def sampling(cfg: RunConfig) -> dict[str, float | int]:
+    """FedAvg's sampling arguments. "Every client" means every client still connected, at
+    least ``min_clients``: a run survives a dropout instead of waiting for the lost node."""
+    if cfg.clients_per_round == 0:
+        fraction, minimum = 1.0, cfg.min_available
+    else:
+        fraction, minimum = cfg.clients_per_round / cfg.num_clients, cfg.clients_per_round
+    return {
+        "fraction_train": fraction,
+        "fraction_evaluate": fraction,
+        "min_train_nodes": minimum,
+        "min_evaluate_nodes": minimum,
+        "min_available_nodes": cfg.min_available,
+    }
+
+
 class FederatedRun:
     """One federated experiment on the server side, from start-up checks to summary."""
 
@@ -57,11 +73,7 @@ class FederatedRun:
             fusion_frequency=cfg.fusion_frequency,
             max_examples=len(train_set(cfg)),
             node_wait_timeout=cfg.node_wait_timeout,
-            fraction_train=cfg.sample_size / cfg.num_clients,
-            fraction_evaluate=cfg.sample_size / cfg.num_clients,
-            min_train_nodes=cfg.sample_size,
-            min_evaluate_nodes=cfg.sample_size,
-            min_available_nodes=cfg.min_available,
+            **sampling(cfg),
         )
         self.best_top1 = -1.0
         self.round_offset = 0
@@ -160,7 +172,7 @@ class FederatedRun:
     # --- whole run ----------------------------------------------------------------------
     def initial_arrays(self) -> tuple[ArrayRecord, int]:
         """Fresh weights, or the last completed round's when resuming."""
-        state = load_state(self.out) if self.cfg_resume else None
+        state = load_state(self.out) if self.cfg.resume else None
         if state is None:
             for stale in ("metrics.jsonl", "server_state.pt"):
                 (self.out / stale).unlink(missing_ok=True)
@@ -175,10 +187,7 @@ class FederatedRun:
         log(INFO, "Resuming %s after round %s", self.out, state.round)
         return ArrayRecord(state.arrays), state.round
 
-    cfg_resume = False
-
-    def run(self, grid: Grid, resume: bool = False) -> None:
-        self.cfg_resume = resume
+    def run(self, grid: Grid) -> None:
         arrays, done = self.initial_arrays()
         if done >= self.cfg.rounds:
             log(INFO, "Nothing to resume: all %s rounds are done", self.cfg.rounds)
@@ -222,4 +231,4 @@ def main(grid: Grid, context: Context) -> None:
         raise SystemExit(2) from None
     if cfg.random_teacher:
         log(WARNING, "Using a random teacher: results are a smoke test, not a MergeNet result")
-    run.run(grid, resume=cfg.resume)
+    run.run(grid)

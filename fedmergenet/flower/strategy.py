@@ -228,9 +228,9 @@ class FedMergeNet(FedAvg):
             arrays[self.target] = Array(fused.numpy())
             self.pending_fused = fused
             log_.fusion_applied = 1
-            log(INFO, "Round %s: fused %s with the teacher (gate %.4g)", server_round, self.target, float(unit.gate))
+            log(INFO, "Round %s: fused %s with the teacher (gate %.4g)", server_round, self.target, float(unit.gate.detach()))
         log_.adapter_lr = unit.lr
-        log_.gate = float(unit.gate)
+        log_.gate = float(unit.gate.detach())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset

@@ -15,6 +15,7 @@ effect grows only as far as learning pulls it. ``replace`` is the original behav
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import AdapterConfig
 from .param_attention import ParamAttention, as_matrix
@@ -103,7 +105,7 @@ class KnowledgeFusionUnit:
         pending = self._pending
         if pending is None:
             raise RuntimeError("learn() needs a fuse() first")
-        output = pending.output if pending.output is not None else self._forward(pending)
+        output = pending.output if pending.output is not None else self._forward(pending, recompute=True)
         fused = as_matrix(fused_layer).to(self.device, torch.float32)
         if not torch.allclose(fused, output.detach(), rtol=1e-4, atol=1e-5):
             raise ValueError("learn() got a fused layer that is not the output of the last fuse()")
@@ -157,7 +159,9 @@ class KnowledgeFusionUnit:
         self.adapter.load_state_dict(state["adapter"])
         with torch.no_grad():
             self.gate.copy_(state["gate"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        # torch's Optimizer.load_state_dict keeps the given moment tensors (no copy): a deep
+        # copy stops two units loaded from one live state from stepping each other's moments.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates = int(state["updates"])
         self.total_updates = int(state["total_updates"])
@@ -169,9 +173,15 @@ class KnowledgeFusionUnit:
             self._pending = _Pending(student=pending["student"].to(self.device), seed=int(pending["seed"]))
 
     # --- internals ---------------------------------------------------------------------
-    def _forward(self, pending: _Pending) -> torch.Tensor:
+    def _forward(self, pending: _Pending, recompute: bool = False) -> torch.Tensor:
         """The adapter's output, with dropout drawn from the fusion's own seed (reproducible)."""
         self.adapter.train()  # MergeNet fuses with dropout active
+        if recompute:
+            # fuse() already ran spectral norm's power iteration and saved its vectors; another
+            # iteration would give a different output, so reuse them (eval mode of the norm only).
+            for module in self.adapter.modules():
+                if parametrize.is_parametrized(module):
+                    module.parametrizations.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(pending.seed)

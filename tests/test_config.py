@@ -1,0 +1,116 @@
+"""Run options, by example: one RunConfig behind the flags, the Flower run config and the presets."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+
+import pytest
+
+from fedmergenet.config import (
+    ADAPTER_CONFIG_FILE,
+    PROJECT_ROOT,
+    AdapterConfig,
+    RunConfig,
+    add_run_options,
+    apply_preset,
+    config_from_args,
+    validate,
+)
+from fedmergenet.errors import ConfigError
+
+
+def parse(*argv: str, base: RunConfig | None = None) -> RunConfig:
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    return config_from_args(parser.parse_args(list(argv)), base)
+
+
+def test_run_config_round_trips_through_flowers_run_config():
+    """to_run_config gives kebab-case keys; from_run_config reads them back to the same RunConfig."""
+    cfg = RunConfig(dataset="cifar100", rounds=7, alpha=0.5, fusion=False, lr_milestones="3,5", adapter_lr=0.01,
+                    teacher_checkpoint="t.pt", resume=True)
+    run_config = cfg.to_run_config()
+    assert run_config["fusion-start-round"] == cfg.fusion_start_round
+    assert RunConfig.from_run_config(run_config) == cfg
+    assert RunConfig.from_run_config(RunConfig().to_run_config()) == RunConfig()
+
+
+def test_from_run_config_coerces_scalars_and_keeps_defaults_for_missing_keys():
+    """Values that arrive as strings or ints become the field's type; absent keys keep defaults."""
+    cfg = RunConfig.from_run_config({"rounds": "4", "alpha": 1, "fusion": "false", "random-teacher": "true"})
+    assert (cfg.rounds, cfg.alpha, cfg.fusion, cfg.random_teacher) == (4, 1.0, False, True)
+    assert isinstance(cfg.alpha, float)
+    assert cfg.replace(rounds=RunConfig().rounds, alpha=0.0, fusion=True, random_teacher=False) == RunConfig()
+
+
+def test_pyproject_run_config_equals_runconfig_defaults():
+    """[tool.flwr.app.config] lists exactly RunConfig's fields with its defaults (same types too)."""
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as fh:
+        app_config = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    expected = RunConfig().to_run_config()
+    assert sorted(app_config) == sorted(expected)
+    assert app_config == expected
+    assert {k: type(v) for k, v in app_config.items()} == {k: type(v) for k, v in expected.items()}
+
+
+def test_adapter_yaml_equals_adapter_config_defaults():
+    """config/param_attention_config.yaml and AdapterConfig() describe the same adapter."""
+    assert AdapterConfig.from_yaml(ADAPTER_CONFIG_FILE) == AdapterConfig()
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"dataset": "mnist"}, "unknown dataset"),
+        ({"alpha": -0.1}, "--alpha"),
+        ({"num_clients": 3, "clients_per_round": 4}, "--clients-per-round"),
+        ({"rounds": 0}, "--rounds"),
+        ({"device": "tpu"}, "unknown device"),
+    ],
+)
+def test_validate_rejects_options_out_of_range(changes, words):
+    """Each bad option is a ConfigError whose one-line message names the option."""
+    with pytest.raises(ConfigError, match=words) as info:
+        validate(RunConfig(**changes))
+    assert "\n" not in str(info.value)
+
+
+def test_validate_accepts_the_defaults():
+    """The quick defaults are valid as they stand."""
+    assert validate(RunConfig()) == RunConfig()
+
+
+def test_paper_preset_is_the_cifar100_setting():
+    """--preset paper: CIFAR-100, 50 rounds of 5 local epochs; other fields keep their defaults."""
+    cfg = apply_preset("paper")
+    assert (cfg.dataset, cfg.rounds, cfg.local_epochs) == ("cifar100", 50, 5)
+    assert cfg.lr == RunConfig().lr
+    validate(cfg)
+
+
+def test_unknown_preset_is_a_config_error():
+    """A misspelt preset names the ones that exist."""
+    with pytest.raises(ConfigError, match="paper"):
+        apply_preset("papr")
+
+
+def test_explicit_flags_override_a_preset():
+    """Flags given on the command line win over the preset; unset flags keep the preset's values."""
+    cfg = parse("--rounds", "2", "--dataset", "fashion-mnist", base=apply_preset("paper"))
+    assert (cfg.rounds, cfg.dataset) == (2, "fashion-mnist")
+    assert cfg.local_epochs == 5  # from the preset
+
+
+def test_original_flag_spellings_still_work():
+    """--num_clients (the original scripts' spelling) and --no-fusion map onto RunConfig."""
+    cfg = parse("--num_clients", "5", "--no-fusion")
+    assert cfg.num_clients == 5
+    assert cfg.fusion is False and cfg.arm == "fedavg"
+    assert parse().fusion is True
+
+
+def test_alpha_zero_on_the_command_line_is_rejected():
+    """--alpha 0 is not 'IID': it is refused with a hint to leave it unset."""
+    with pytest.raises(ConfigError, match="alpha"):
+        parse("--alpha", "0")

@@ -1,0 +1,173 @@
+"""End-to-end runs of the real Flower runtimes on tiny real data (Fashion-MNIST, offline).
+
+Slow (about a minute each) but run in CI: they are the proof that the pieces work together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmergenet.config import RunConfig
+from fedmergenet.experiments.baseline import union_of_client_data
+from fedmergenet.experiments.suite import run_suite
+from fedmergenet.flower.runtime import free_port
+from fedmergenet.flower.task import client_data
+from fedmergenet.models import build_teacher, state_checksum
+from fedmergenet.results import read_metrics, read_summary
+from fedmergenet.teacher import save_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher checkpoint in the real format (untrained weights: these tests check plumbing)."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    save_teacher(build_teacher(num_classes=10), path, dataset="fashion-mnist", epochs=0, test_top1=0.1)
+    return path
+
+
+def tiny(teacher: Path, out: Path, **changes) -> RunConfig:
+    cfg = RunConfig(train_limit=96, test_limit=64, rounds=3, local_epochs=1, num_clients=2, batch_size=16,
+                    fusion_batches=2, teacher_checkpoint=str(teacher), output_dir=str(out), data_dir=str(out / "data"))
+    return cfg.replace(**changes)
+
+
+def flower_processes() -> set[int]:
+    """PIDs of Flower and Ray processes on this machine."""
+    out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode|flwr-serverapp|flwr-clientapp|raylet|gcs_server"],
+                         capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def test_baseline_trains_on_exactly_the_clients_training_data(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "t.pt", tmp_path, num_clients=3)
+    client_indices = [client_data(cfg, i, 3).train.dataset.indices for i in range(3)]
+    union = np.sort(np.concatenate([np.asarray(idx) for idx in client_indices]))
+    assert np.array_equal(union, union_of_client_data(cfg))
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_suite_runs_four_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path) -> None:
+    before = flower_processes()
+    teacher_bytes = teacher_file.read_bytes()
+    cfg = tiny(teacher_file, tmp_path)
+    report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False)
+
+    runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ("central", "central_mergenet", "fedavg", "fedavg_mergenet")}
+    summaries = {arm: read_summary(path) for arm, path in runs.items()}
+    assert all(s["status"] == "completed" for s in summaries.values())
+    assert {s["epoch_equiv"] for s in summaries.values()} == {3}  # same budget of passes over the data
+
+    rows = read_metrics(runs["fedavg_mergenet"])
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["fusion_applied"] for r in rows] == [0, 0, 1, 1]  # fusion from round 2
+    assert rows[3]["adapter_learned"] == 1 and rows[3]["adapter_loss"] is not None  # it learns in round 3
+    assert all(r["round_status"] in ("initial", "ok") for r in rows)
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
+    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg"])] == [0, 0, 0, 0]
+    assert sum(r["fusion_applied"] for r in read_metrics(runs["central_mergenet"])) > 0
+
+    # The teacher never changes: file untouched, and the run recorded its checksum.
+    assert teacher_file.read_bytes() == teacher_bytes
+    weights = torch.load(teacher_file, weights_only=True)["state_dict"]
+    assert summaries["fedavg_mergenet"]["teacher"]["sha256"] == state_checksum(weights)
+
+    assert report.name == "report.md" and report.is_file()
+    assert (report.parent / "top1_vs_epochs.png").is_file()
+    time.sleep(1)
+    assert flower_processes() - before == set(), "Flower or Ray processes were left behind"
+
+
+def _python(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_server_and_two_clients_in_separate_processes(tmp_path: Path, teacher_file: Path) -> None:
+    port = free_port()
+    out = tmp_path / "deployed"
+    flags = ["--insecure", "--port", str(port), "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
+             "--test-limit", "64", "--batch-size", "16", "--teacher-checkpoint", str(teacher_file),
+             "--output-dir", str(out), "--node-wait-timeout", "120"]
+    server = subprocess.Popen(_python("federated_mergenet_server.py", *flags), cwd=ROOT, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    clients = []
+    try:
+        time.sleep(3)
+        for client_id in range(2):
+            clients.append(subprocess.Popen(
+                _python("federated_mergenet_client.py", "--client_id", str(client_id), "--num_clients", "2",
+                        "--server_address", f"127.0.0.1:{port}", "--insecure", "--max-wait-time", "10"),
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        output, _ = server.communicate(timeout=400)
+        assert server.returncode == 0, output[-3000:]
+        rows = read_metrics(out)
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert rows[2]["fusion_applied"] == 1
+        # Once the server is gone, the clients stop by themselves within a minute.
+        for client in clients:
+            assert client.wait(timeout=90) is not None
+        assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
+        assert (ROOT / "logs" / "federated_mergenet_client_0.log").is_file()
+    finally:
+        for process in [server, *clients]:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@needs_fashion
+def test_server_refuses_a_missing_teacher_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(_python("federated_mergenet_server.py", "--insecure", "--teacher-checkpoint",
+                                    str(tmp_path / "nope.pt"), "--output-dir", str(tmp_path / "o")),
+                            cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    line = _one_line_error(result)
+    assert "nope.pt" in line and "--pretrain-teacher" in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--rounds", "0"], "--rounds"),
+    (["--num-clients", "2", "--clients-per-round", "3"], "--clients-per-round"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_runner_rejects_bad_options_with_one_line(args: list[str], expected: str) -> None:
+    result = subprocess.run(_python("run_federated_mergenet.py", *args), cwd=ROOT, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert expected in _one_line_error(result)
+
+
+def test_server_needs_tls_or_an_explicit_insecure() -> None:
+    result = subprocess.run(_python("federated_mergenet_server.py"), cwd=ROOT, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert "--insecure" in _one_line_error(result)
+
+
+def test_client_id_must_be_one_of_the_partitions() -> None:
+    result = subprocess.run(_python("federated_mergenet_client.py", "--client_id", "3", "--num_clients", "3", "--insecure"),
+                            cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert "--client_id" in _one_line_error(result)

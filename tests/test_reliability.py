@@ -1,0 +1,142 @@
+"""Faults tried for real on loopback: malformed updates from a ClientApp that misbehaves on
+purpose, a server stopped mid-run and resumed, TLS, and a plaintext client refused by it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmergenet.config import RunConfig
+from fedmergenet.experiments.federated import run_simulation
+from fedmergenet.flower.runtime import free_port
+from fedmergenet.models import build_teacher
+from fedmergenet.results import read_metrics, read_summary
+from fedmergenet.teacher import save_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist")]
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(1)
+    save_teacher(build_teacher(num_classes=10), path, dataset="fashion-mnist", epochs=0, test_top1=0.1)
+    return path
+
+
+def tiny_flags(teacher: Path, out: Path, rounds: int) -> list[str]:
+    return ["--rounds", str(rounds), "--train-limit", "64", "--test-limit", "32", "--batch-size", "16",
+            "--teacher-checkpoint", str(teacher), "--output-dir", str(out)]
+
+
+def misbehaving_app(tmp_path: Path) -> Path:
+    """Our ServerApp with the test ClientApp; its run config lists every RunConfig key, as Flower requires."""
+    import tomli_w
+
+    app = tmp_path / "misbehaving"
+    shutil.copytree(ROOT / "tests" / "apps" / "misbehaving", app)
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + tomli_w.dumps(RunConfig().to_run_config()))
+    return app
+
+
+def test_malformed_updates_are_rejected_and_the_rest_averaged(tmp_path: Path, teacher_file: Path) -> None:
+    cfg = RunConfig(train_limit=128, test_limit=32, rounds=3, num_clients=4, batch_size=16,
+                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
+    run_simulation(cfg, echo=False, app_dir=misbehaving_app(tmp_path))
+
+    rows = [r for r in read_metrics(tmp_path / "out") if r["round"] > 0]
+    assert [r["rejected"] for r in rows] == [3, 3, 3]  # nodes 1-3 misbehave, node 0 is honest
+    assert all(r["round_status"] == "ok" for r in rows)  # each round averaged the sound update
+    reasons = " | ".join(reason for r in rows for reason in r["rejections"])
+    for expected in ("NaN or Inf", "tensor names differ", "has shape", "has dtype float64", "num-examples 0",
+                     "num-examples 1000000000000"):
+        assert expected in reasons
+    assert all(reason.startswith("node ") for r in rows for reason in r["rejections"])
+    assert read_summary(tmp_path / "out")["status"] == "completed"
+
+
+def _runner(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run_federated_mergenet.py"), *args], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def rows_written(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_file: Path) -> None:
+    out = tmp_path / "run"
+    first = _runner(*tiny_flags(teacher_file, out, rounds=3), "--num-clients", "2")
+    try:
+        deadline = time.monotonic() + 300
+        while rows_written(out) < 2:  # rounds 0 and 1 are done
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGTERM)  # the server goes down mid round 2
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    done_before = [r["round"] for r in read_metrics(out)]
+    assert done_before[:2] == [0, 1] and len(done_before) < 4
+
+    second = _runner("--resume", str(out))
+    output, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, output[-3000:]
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no gap, no duplicate
+    assert read_summary(out)["rounds"] == 3 and read_summary(out)["status"] == "completed"
+    assert rows[3]["adapter_learned"] == 1  # the adapter's state (and the fused layer in flight) survived
+    final = torch.load(out / "final_model.pt", weights_only=True)
+    assert final["stage6.2.residual.6.weight"].shape == (160, 960, 1, 1)
+
+
+def test_tls_run_completes_and_a_plaintext_client_is_refused(tmp_path: Path, teacher_file: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certificates.sh"), "127.0.0.1", str(certs)], check=True,
+                   capture_output=True)
+    port = free_port()
+    out = tmp_path / "tls"
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "federated_mergenet_server.py"), "--port", str(port),
+         "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+         "--ssl-keyfile", str(certs / "server.key"), "--num-clients", "2",
+         *tiny_flags(teacher_file, out, rounds=1)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    client = [sys.executable, str(ROOT / "federated_mergenet_client.py"), "--num_clients", "2",
+              "--server_address", address, "--max-wait-time", "10"]
+    nodes = []
+    try:
+        time.sleep(3)
+        plaintext = subprocess.Popen(client + ["--client_id", "1", "--insecure"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        nodes.append(plaintext)
+        for client_id in (0, 1):
+            nodes.append(subprocess.Popen(client + ["--client_id", str(client_id), "--root-certificates",
+                                                    str(certs / "ca.crt")],
+                                          cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        output, _ = server.communicate(timeout=400)
+        assert server.returncode == 0, output[-3000:]
+        assert [r["round"] for r in read_metrics(out)] == [0, 1]
+        assert read_metrics(out)[1]["replies"] == 2  # the two TLS clients, never the plaintext one
+        assert plaintext.wait(timeout=90) != 0  # it gave up: it could not connect
+    finally:
+        for process in [server, *nodes]:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,251 @@
+"""FedMergeNet.aggregate_train, by example, with train replies built by hand (no Flower run).
+
+Replies carry real 10-class MobileNetV2 state dicts, perturbed differently per client. Without a
+fusion unit the result is FedAvg's to the bit; with one, only the target tensor changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmergenet.config import AdapterConfig
+from fedmergenet.flower.strategy import FedMergeNet, spec_of
+from fedmergenet.fusion import KnowledgeFusionUnit
+from fedmergenet.models import STUDENT_LAYER, build_student
+
+SMALL_TARGET = "stage1.residual.6.weight"  # [16, 32, 1, 1]: a cheap layer for schedule-only tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def task_identity():
+    """Messages built outside a running app need a run/node/task identity (Flower 1.42)."""
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine two threads spin-wait on each other (3-10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return build_student(num_classes=10).state_dict()
+
+
+def client_state(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """What one client's training might send back: every float tensor (BatchNorm buffers too) moved."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in base.items():
+        if tensor.is_floating_point():
+            state[name] = tensor + 0.01 * torch.randn(tensor.shape, generator=g)
+        else:  # num_batches_tracked
+            state[name] = tensor + seed
+    return state
+
+
+def train_reply(state: dict[str, torch.Tensor], examples, node_id: int, loss: float = 1.0) -> Message:
+    """A ClientApp's reply to a train message: one ArrayRecord, one MetricRecord with num-examples."""
+    instruction = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id,
+                          message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": ArrayRecord(state),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": loss})})
+    return Message(content, reply_to=instruction)
+
+
+def failed_reply(node_id: int) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(Error(code=0, reason="client crashed"), reply_to=instruction)
+
+
+def sound_replies(base, seeds=(1, 2), examples=(10, 30)) -> list[Message]:
+    return [train_reply(client_state(base, s), n, node_id=100 + s, loss=float(s)) for s, n in zip(seeds, examples)]
+
+
+def fedavg(replies: list[Message]) -> dict[str, np.ndarray]:
+    arrays, _ = FedAvg().aggregate_train(1, replies)
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def as_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def differing(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
+
+
+def fusion_unit(shape, teacher_rows=10, teacher_cols=2048, mode="replace", **cfg) -> KnowledgeFusionUnit:
+    torch.manual_seed(0)
+    config = AdapterConfig(mode=mode, **cfg)
+    return KnowledgeFusionUnit(torch.randn(teacher_rows, teacher_cols), tuple(shape), config, total_updates=10,
+                               device="cpu")
+
+
+# --- plain averaging ----------------------------------------------------------------------
+
+
+def test_without_fusion_the_result_is_flowers_fedavg_exactly(base_state):
+    """fusion_unit=None: every tensor equals flwr's FedAvg().aggregate_train, bit for bit, same keys."""
+    replies = sound_replies(base_state)
+    strategy = FedMergeNet(spec=spec_of(base_state))
+    arrays, metrics = strategy.aggregate_train(1, iter(replies))  # replies may arrive as a generator
+    assert differing(as_numpy(arrays), fedavg(replies)) == []
+    assert list(arrays.keys()) == list(base_state.keys())
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+    assert metrics["fusion-applied"] == 0 and metrics["rejected-replies"] == 0
+    log = strategy.round_log(1)
+    assert (log.replies, log.failures, log.rejected, log.aggregated) == (2, 0, 0, True)
+
+
+# --- fusion -----------------------------------------------------------------------------------
+
+
+def test_fusion_starts_at_its_round_changes_only_the_target_and_learns_next_round(base_state):
+    """fusion_start_round=2, replace mode (gated would start as the identity):
+    round 1 is plain FedAvg; round 2 rewrites STUDENT_LAYER and nothing else (BatchNorm buffers
+    included); round 3 first learns from where clients took the fused layer, then fuses again."""
+    spec = spec_of(base_state)
+    unit = fusion_unit(base_state[STUDENT_LAYER].shape)
+    strategy = FedMergeNet(spec=spec, fusion_unit=unit, fusion_start_round=2)
+
+    replies = sound_replies(base_state, seeds=(1, 2))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert differing(as_numpy(arrays), fedavg(replies)) == []
+    assert metrics["fusion-applied"] == 0 and strategy.pending_fused is None
+
+    replies = sound_replies(base_state, seeds=(3, 4))
+    arrays, metrics = strategy.aggregate_train(2, replies)
+    assert differing(as_numpy(arrays), fedavg(replies)) == [STUDENT_LAYER]
+    assert metrics["fusion-applied"] == 1 and "adapter-loss" not in metrics
+    fused_round2 = strategy.pending_fused
+    assert np.array_equal(fused_round2.numpy(), arrays[STUDENT_LAYER].numpy())
+    adapter_before = [p.detach().clone() for p in unit.parameters()]
+
+    replies = sound_replies(base_state, seeds=(5, 6))
+    arrays, metrics = strategy.aggregate_train(3, replies)
+    averaged = fedavg(replies)
+    assert differing(as_numpy(arrays), averaged) == [STUDENT_LAYER]
+    assert strategy.round_log(3).learned == 1 and unit.updates == 1
+    expected_loss = float(((fused_round2 - torch.from_numpy(averaged[STUDENT_LAYER])) ** 2).mean())
+    assert metrics["adapter-loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert any(not torch.equal(a, p) for a, p in zip(adapter_before, unit.parameters()))
+    assert strategy.pending_fused is not fused_round2
+    assert np.array_equal(strategy.pending_fused.numpy(), arrays[STUDENT_LAYER].numpy())
+
+
+def test_gated_fusion_first_passes_the_average_through(base_state):
+    """Default gated mode on the real layer: the first fused round returns FedAvg's tensors unchanged
+    (gate at zero) yet still records a fusion to learn from next round."""
+    unit = fusion_unit(base_state[STUDENT_LAYER].shape, mode="gated")
+    strategy = FedMergeNet(spec=spec_of(base_state), fusion_unit=unit, fusion_start_round=1)
+    replies = sound_replies(base_state)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert differing(as_numpy(arrays), fedavg(replies)) == []
+    assert metrics["fusion-applied"] == 1 and strategy.pending_fused is not None
+    assert strategy.round_log(1).gate == 0.0
+
+
+def test_fusion_frequency_two_fuses_every_other_round(base_state):
+    """fusion_frequency=2 from round 2 fuses in rounds 2 and 4; round 3 only learns (its output is
+    plain FedAvg). A small target layer keeps this schedule test cheap."""
+    unit = fusion_unit(base_state[SMALL_TARGET].shape, teacher_cols=64, h=2)
+    strategy = FedMergeNet(spec=spec_of(base_state), fusion_unit=unit, fusion_start_round=2, fusion_frequency=2,
+                           target=SMALL_TARGET)
+    assert [r for r in range(1, 8) if strategy.fuses_in(r)] == [2, 4, 6]
+    changed = {}
+    for server_round in (1, 2, 3, 4):
+        replies = sound_replies(base_state, seeds=(server_round, server_round + 10))
+        arrays, metrics = strategy.aggregate_train(server_round, replies)
+        changed[server_round] = differing(as_numpy(arrays), fedavg(replies))
+        assert metrics["fusion-applied"] == (server_round in (2, 4))
+    assert changed == {1: [], 2: [SMALL_TARGET], 3: [], 4: [SMALL_TARGET]}
+    assert [strategy.round_log(r).learned for r in (1, 2, 3, 4)] == [0, 0, 1, 0]
+    assert strategy.pending_fused is not None  # round 4's fusion awaits round 5
+
+
+# --- screening -------------------------------------------------------------------------------
+
+
+def malformed_replies(base) -> dict[int, tuple[Message, str]]:
+    """Node id -> (a reply with one defect, words its rejection must contain)."""
+    def state(**edits):
+        s = client_state(base, 7)
+        for name, value in edits.items():
+            if value is None:
+                del s[name.replace("__", ".")]
+            else:
+                s[name.replace("__", ".")] = value
+        return s
+
+    nan = client_state(base, 7)
+    nan[STUDENT_LAYER] = nan[STUDENT_LAYER].clone()
+    nan[STUDENT_LAYER][0, 0, 0, 0] = float("nan")
+    extra = client_state(base, 7)
+    extra["extra.weight"] = torch.zeros(3)
+    return {
+        1: (train_reply(nan, 10, 1), "NaN"),
+        2: (train_reply(state(linear__bias=None), 10, 2), "missing ['linear.bias']"),
+        3: (train_reply(extra, 10, 3), "extra ['extra.weight']"),
+        4: (train_reply(state(linear__weight=torch.zeros(10, 1279)), 10, 4), "shape (10, 1279)"),
+        5: (train_reply(state(linear__weight=base["linear.weight"].double()), 10, 5), "dtype float64"),
+        6: (train_reply(client_state(base, 7), 0, 6), "num-examples 0"),
+        7: (train_reply(client_state(base, 7), 10**12, 7), "num-examples 1000000000000"),
+    }
+
+
+def test_malformed_replies_are_rejected_with_reasons_and_the_rest_averaged(base_state):
+    """NaN, a missing tensor, an extra tensor, a wrong shape, float64 for float32, zero and absurd
+    example counts: each is rejected and named in round_log(r).rejections; the result is FedAvg
+    over the sound replies only."""
+    bad = malformed_replies(base_state)
+    good = sound_replies(base_state)
+    strategy = FedMergeNet(spec=spec_of(base_state), max_examples=10**6)
+    replies = [good[0]] + [msg for msg, _ in bad.values()] + [good[1]]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert differing(as_numpy(arrays), fedavg(good)) == []
+    log = strategy.round_log(1)
+    assert (log.replies, log.rejected, log.failures, log.aggregated) == (9, 7, 0, True)
+    assert metrics["rejected-replies"] == 7
+    assert len(log.rejections) == 7
+    for (node, (_, words)), rejection in zip(bad.items(), log.rejections):
+        assert rejection.startswith(f"node {node}: "), rejection
+        assert words in rejection, (words, rejection)
+
+
+def test_no_sound_reply_means_no_aggregate(base_state):
+    """Only malformed replies and a failure: aggregate_train returns (None, ...), nothing is fused,
+    and the round is logged as not aggregated."""
+    unit = fusion_unit(base_state[SMALL_TARGET].shape, teacher_cols=64, h=2)
+    strategy = FedMergeNet(spec=spec_of(base_state), fusion_unit=unit, fusion_start_round=1, target=SMALL_TARGET)
+    replies = [msg for msg, _ in malformed_replies(base_state).values()] + [failed_reply(9)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None
+    log = strategy.round_log(1)
+    assert (log.aggregated, log.rejected, log.failures, log.fusion_applied) == (False, 7, 1, 0)
+    assert strategy.pending_fused is None and unit.updates == 0
+
+
+def test_a_reply_carrying_an_error_counts_as_a_failure(base_state):
+    """A client that crashed sends an error reply: counted as a failure, not a reply, and ignored."""
+    good = sound_replies(base_state)
+    strategy = FedMergeNet(spec=spec_of(base_state))
+    arrays, _ = strategy.aggregate_train(1, [good[0], failed_reply(9), good[1]])
+    assert differing(as_numpy(arrays), fedavg(good)) == []
+    log = strategy.round_log(1)
+    assert (log.replies, log.failures, log.rejected, log.rejections) == (2, 1, 0, [])

@@ -1,0 +1,105 @@
+"""Teacher checkpoints, by example: what loads, and the one-line errors for what does not.
+
+One 10-class ResNet50 checkpoint (~95 MB) is written once for the module and shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmergenet.errors import CheckpointError
+from fedmergenet.models import build_teacher, state_checksum
+from fedmergenet.teacher import load_teacher, save_teacher
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A Fashion-MNIST (10-class) teacher saved with save_teacher, and the model it came from."""
+    torch.manual_seed(0)
+    model = build_teacher(num_classes=10)
+    path = tmp_path_factory.mktemp("ckpt") / "teacher_resnet50_fashion-mnist.pt"
+    save_teacher(model, path, dataset="fashion-mnist", epochs=3, test_top1=0.87)
+    return path, model
+
+
+def assert_one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> None:
+    message = str(exc.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert "--pretrain-teacher" in message  # says how to make one
+
+
+def test_save_then_load_gives_the_same_weights_and_info(saved):
+    """load_teacher returns a frozen copy with identical tensors and what the checkpoint recorded."""
+    path, model = saved
+    loaded, info = load_teacher(path, dataset="fashion-mnist", num_classes=10)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert info.source == "checkpoint"
+    assert (info.dataset, info.num_classes, info.epochs, info.test_top1) == ("fashion-mnist", 10, 3, 0.87)
+    assert info.path == str(path.resolve())
+    assert info.sha256 == state_checksum(original)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(saved):
+    """No pickled classes: torch.load(weights_only=True) reads it; no temporary file is left behind."""
+    path, _ = saved
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["dataset"] == "fashion-mnist" and payload["num_classes"] == 10
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_missing_checkpoint_says_which_file_and_how_to_make_one(tmp_path):
+    """A missing file is a one-line CheckpointError naming the file and the command that makes one."""
+    path = tmp_path / "nowhere" / "teacher.pt"
+    with pytest.raises(CheckpointError, match="not found") as exc:
+        load_teacher(path, dataset="cifar100", num_classes=100)
+    assert_one_line_naming(exc, path)
+    assert "--dataset cifar100" in str(exc.value)
+
+
+def test_wrong_class_count_is_refused(saved):
+    """A 10-class teacher asked to serve 100 classes fails at start-up, naming both shapes."""
+    path, _ = saved
+    with pytest.raises(CheckpointError, match=r"\(10, 2048\).*\(100, 2048\)") as exc:
+        load_teacher(path, dataset="fashion-mnist", num_classes=100)
+    assert_one_line_naming(exc, path)
+
+
+def test_corrupt_file_is_refused(tmp_path):
+    """Bytes that are not a torch checkpoint: a CheckpointError, not a pickle traceback."""
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"this is not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match="unreadable") as exc:
+        load_teacher(path, dataset="fashion-mnist", num_classes=10)
+    assert_one_line_naming(exc, path)
+
+
+def test_truncated_checkpoint_is_refused(saved, tmp_path):
+    """A half-copied checkpoint is as unreadable as a corrupt one."""
+    path = tmp_path / "teacher.pt"
+    with open(saved[0], "rb") as fh:
+        path.write_bytes(fh.read(1_000_000))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_teacher(path, dataset="fashion-mnist", num_classes=10)
+
+
+def test_checkpoint_from_another_dataset_is_refused(saved):
+    """A Fashion-MNIST teacher is not a CIFAR-100 one, even at the same class count."""
+    path, _ = saved
+    with pytest.raises(CheckpointError, match="trained on fashion-mnist, not cifar100") as exc:
+        load_teacher(path, dataset="cifar100", num_classes=10)
+    assert_one_line_naming(exc, path)
+
+
+def test_a_file_without_a_state_dict_is_refused(tmp_path):
+    """A bare state_dict or any other dict lacks the metadata and is refused."""
+    path = tmp_path / "teacher.pt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="no state_dict"):
+        load_teacher(path, dataset="fashion-mnist", num_classes=10)
