@@ -40,7 +40,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(teacher: Path, out: Path, **changes) -> RunConfig:
-    cfg = RunConfig(train_limit=96, test_limit=64, rounds=3, local_epochs=1, num_clients=2, batch_size=16,
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=96, test_limit=64, rounds=3, local_epochs=1, num_clients=2, batch_size=16,
                     fusion_batches=2, teacher_checkpoint=str(teacher), output_dir=str(out), data_dir=str(out / "data"))
     return cfg.replace(**changes)
 
@@ -98,37 +98,47 @@ def _python(script: str, *args: str) -> list[str]:
 
 @pytest.mark.slow
 @needs_fashion
-def test_server_and_two_clients_in_separate_processes(tmp_path: Path, teacher_file: Path) -> None:
+def test_server_and_two_clients_in_separate_processes_over_tls(tmp_path: Path, teacher_file: Path) -> None:
+    """The write-up's separate terminals, over TLS: 2 rounds with fusion in round 2; a plaintext
+    client is refused; once the server is done the clients exit by themselves."""
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certificates.sh"), "127.0.0.1", str(certs)], check=True,
+                   capture_output=True)
     port = free_port()
     out = tmp_path / "deployed"
-    flags = ["--insecure", "--port", str(port), "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
+    flags = ["--port", str(port), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+             "--ssl-keyfile", str(certs / "server.key"), "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
              "--test-limit", "64", "--batch-size", "16", "--teacher-checkpoint", str(teacher_file),
              "--output-dir", str(out), "--node-wait-timeout", "120"]
     server = subprocess.Popen(_python("federated_mergenet_server.py", *flags), cwd=ROOT, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = _python("federated_mergenet_client.py", "--num_clients", "2", "--server_address", f"127.0.0.1:{port}",
+                     "--max-wait-time", "10")
     clients = []
     try:
         time.sleep(3)
-        for client_id in range(2):
-            clients.append(subprocess.Popen(
-                _python("federated_mergenet_client.py", "--client_id", str(client_id), "--num_clients", "2",
-                        "--server_address", f"127.0.0.1:{port}", "--insecure", "--max-wait-time", "10"),
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
-        output, _ = server.communicate(timeout=400)
+        plaintext = _start(client + ["--client_id", "1", "--insecure"])
+        clients = [_start(client + ["--client_id", str(i), "--root-certificates", str(certs / "ca.crt")]) for i in (0, 1)]
+        output, _ = server.communicate(timeout=500)
         assert server.returncode == 0, output[-3000:]
         rows = read_metrics(out)
         assert [r["round"] for r in rows] == [0, 1, 2]
-        assert rows[2]["fusion_applied"] == 1
-        # Once the server is gone, the clients stop by themselves within a minute.
-        for client in clients:
-            assert client.wait(timeout=90) is not None
+        assert [r["fusion_applied"] for r in rows] == [0, 0, 1]
+        assert rows[1]["replies"] == 2  # the two TLS clients, never the plaintext one
+        assert plaintext.wait(timeout=90) != 0  # it could not connect and gave up
+        for process in clients:  # the server is gone: they stop by themselves within a minute
+            assert process.wait(timeout=60) == 0
         assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
         assert (ROOT / "logs" / "federated_mergenet_client_0.log").is_file()
     finally:
         for process in [server, *clients]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -74,7 +74,7 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
     run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
     with runtime.managed() as processes:
         link = processes.start(
-            runtime.superlink_command("127.0.0.1", port, out / "superlink.db", simulation=True, tls=None,
+            runtime.superlink_command("127.0.0.1", port, simulation=True, tls=None,
                                       log_file=out / "superlink.log"),
             out / "superlink.out", env,
         )
@@ -111,7 +111,7 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | 
     run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
     with runtime.managed() as processes:
         link = processes.start(
-            runtime.superlink_command(host, port, out / "superlink.db", simulation=False, tls=tls,
+            runtime.superlink_command(host, port, simulation=False, tls=tls,
                                       log_file=LOG_DIR / "superlink.log"),
             LOG_DIR / "superlink.out", env,
         )
@@ -137,11 +137,11 @@ def join(client_id: int, num_clients: int, server_address: str, device: str = "c
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"federated_mergenet_client_{client_id}.log"
     command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time)
-    with runtime.managed() as processes:
-        node = processes.start(command, log_path, env)
-        print(f"Client {client_id}/{num_clients} (SuperNode pid {node.pid}) joined {server_address}; log: {log_path}",
-              flush=True)
-        return node.wait()
+    print(f"Client {client_id}/{num_clients} joining {server_address}; log: {log_path}", flush=True)
+    return runtime.follow(command, env, log_path, stop_when=GAVE_UP, joined=JOINED)
 
 
-__all__ = ["run_simulation", "serve", "join", "preflight", "Tls", "UserError", "CheckpointError", "os"]
+# What flower-supernode 1.42 logs when the SuperLink stayed away past --max-wait-time; the
+# process itself then lingers, so the client script stops it.
+GAVE_UP = "Giving up reconnection"
+JOINED = "SuperNode ID:"

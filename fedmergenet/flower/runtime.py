@@ -135,6 +135,15 @@ def kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    """Linux: deliver SIGTERM to the child when its parent dies, even by SIGKILL."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Processes:
     """Child processes started for a run; all of them are stopped on exit, whatever happens."""
@@ -142,16 +151,19 @@ class Processes:
     started: list[subprocess.Popen] = field(default_factory=list)
     logs: list[TextIO] = field(default_factory=list)
 
-    def start(self, command: Sequence[str], log_path: Path | None, env: dict[str, str]) -> subprocess.Popen:
-        """Start in its own process group; output to ``log_path`` (None: this terminal)."""
+    def start(self, command: Sequence[str], log_path: Path | None, env: dict[str, str],
+              pipe: bool = False) -> subprocess.Popen:
+        """Start in its own process group; output to ``log_path`` (None: this terminal, or a
+        pipe to read); it is sent SIGTERM if this process dies without cleaning up."""
         handle = None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop_all
             self.logs.append(handle)
         process = subprocess.Popen(
-            list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            list(command), stdout=subprocess.PIPE if pipe else handle, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=pipe or None,
+            preexec_fn=_die_with_parent,
         )
         self.started.append(process)
         return process
@@ -177,9 +189,39 @@ def managed() -> Iterator[Processes]:
         processes.stop_all()
 
 
-def superlink_command(host: str, port: int, database: Path, simulation: bool, tls: Tls | None, log_file: Path) -> list[str]:
+def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_when: str, joined: str) -> int:
+    """Run a Flower process in the foreground: its output to this terminal and ``log_path``;
+    stopped (with its children) on Ctrl-C, on SIGTERM, or once it prints ``stop_when``.
+    Exit code 0 when it had printed ``joined`` first (it served, then the server left), else 1."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    was_joined = False
+    with open(log_path, "a", encoding="utf-8") as log_file, managed() as processes:
+        process = processes.start(command, None, env, pipe=True)
+        assert process.stdout is not None
+        with process.stdout:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                was_joined = was_joined or joined in line
+                if stop_when in line:
+                    break
+        if process.poll() is None or was_joined:
+            if was_joined:
+                print("The server is gone: this client stopped.", flush=True)
+                return 0
+            print("error: could not connect to the server (wrong address, TLS settings, or not running)",
+                  file=sys.stderr, flush=True)
+            return 1
+        return process.wait()
+
+
+def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path) -> list[str]:
+    # In-memory state: our own server_state.pt is what a resume needs, and Flower's SQLite
+    # state made each 9 MB model message take tens of seconds to pass through the SuperLink.
     command = [
-        "flower-superlink", "--host", host, "--port", str(port), "--database", str(database),
+        "flower-superlink", "--host", host, "--port", str(port),
         "--disable-runtime-dependency-installation", "--log-file", str(log_file),
     ]
     if simulation:
@@ -225,7 +267,7 @@ def flwr_run(app_dir: Path, connection: str, run_config_file: Path, env: dict[st
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             assert process.stdout is not None
             with process.stdout:

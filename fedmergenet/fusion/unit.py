@@ -90,7 +90,8 @@ class KnowledgeFusionUnit:
         """Return the fused layer (same shape, dtype and device as the input)."""
         if tuple(student_layer.shape) != self.student_shape:
             raise ValueError(f"student layer has shape {tuple(student_layer.shape)}, expected {self.student_shape}")
-        student = as_matrix(student_layer).detach().to(self.device, torch.float32)
+        # A copy: the caller may keep training the tensor it passed, which the graph must not see.
+        student = as_matrix(student_layer).detach().to(self.device, torch.float32).clone()
         pending = _Pending(student=student, seed=self._seeds.randrange(2**31))
         pending.output = self._forward(pending)
         self._pending = pending
