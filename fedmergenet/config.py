@@ -103,6 +103,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds a train/evaluate phase may take
     node_wait_timeout: float = 300.0  # seconds to wait for the minimum of clients
     eval_batch_size: int = 256
+    skip_federated_eval: bool = False  # only the server's central evaluation (halves the messages per round)
     resume: bool = False  # continue the run in output_dir from its last completed round
 
     # --- derived values -------------------------------------------------------------

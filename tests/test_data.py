@@ -206,7 +206,7 @@ def test_train_loader_shuffles_and_augments_the_same_way_for_the_same_seed(cifar
         torch.manual_seed(seed + 100)  # the global RNG must not matter
         return next(iter(make_loader(ds, None, batch_size=16, train=True, seed=seed)))
 
-    (x1, y1), (x2, y2), (x3, y3) = first_batch(7), first_batch(7), first_batch(8)
+    (x1, y1), (x2, y2), (_, y3) = first_batch(7), first_batch(7), first_batch(8)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(y1, y3)
     # Augmented: not the plain normalised images of the same samples.

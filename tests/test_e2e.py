@@ -21,22 +21,12 @@ from fedmergenet.experiments.baseline import union_of_client_data
 from fedmergenet.experiments.suite import run_suite
 from fedmergenet.flower.runtime import free_port
 from fedmergenet.flower.task import client_data
-from fedmergenet.models import build_teacher, state_checksum
+from fedmergenet.models import state_checksum
 from fedmergenet.results import read_metrics, read_summary
-from fedmergenet.teacher import save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A teacher checkpoint in the real format (untrained weights: these tests check plumbing)."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    save_teacher(build_teacher(num_classes=10), path, dataset="fashion-mnist", epochs=0, test_top1=0.1)
-    return path
 
 
 def tiny(teacher: Path, out: Path, **changes) -> RunConfig:
@@ -109,7 +99,7 @@ def test_server_and_two_clients_in_separate_processes_over_tls(tmp_path: Path, t
     flags = ["--port", str(port), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
              "--ssl-keyfile", str(certs / "server.key"), "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
              "--test-limit", "64", "--batch-size", "16", "--teacher-checkpoint", str(teacher_file),
-             "--output-dir", str(out), "--node-wait-timeout", "120"]
+             "--output-dir", str(out), "--node-wait-timeout", "120", "--skip-federated-eval"]
     server = subprocess.Popen(_python("federated_mergenet_server.py", *flags), cwd=ROOT, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = _python("federated_mergenet_client.py", "--num_clients", "2", "--server_address", f"127.0.0.1:{port}",
@@ -181,3 +171,23 @@ def test_client_id_must_be_one_of_the_partitions() -> None:
     result = subprocess.run(_python("federated_mergenet_client.py", "--client_id", "3", "--num_clients", "3", "--insecure"),
                             cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert "--client_id" in _one_line_error(result)
+
+
+@needs_fashion
+def test_server_refuses_a_port_in_use_and_an_unwritable_output(tmp_path: Path, teacher_file: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(_python("federated_mergenet_server.py", "--insecure", "--port", str(port),
+                                        "--teacher-checkpoint", str(teacher_file), "--output-dir", str(tmp_path / "o")),
+                                cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert "already in use" in _one_line_error(result)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = subprocess.run(_python("federated_mergenet_server.py", "--insecure", "--teacher-checkpoint", str(teacher_file),
+                                    "--output-dir", str(blocker / "out")),
+                            cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert "not writable" in _one_line_error(result)

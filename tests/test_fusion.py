@@ -17,13 +17,7 @@ SMALL_STUDENT = (16, 32, 1, 1)
 SMALL_TEACHER = (10, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin-wait on each other (3-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

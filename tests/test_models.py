@@ -8,13 +8,7 @@ import torch
 from fedmergenet.models import STUDENT_LAYER, TEACHER_LAYER, build_student, build_teacher, state_checksum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin-wait on each other (3-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

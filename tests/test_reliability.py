@@ -18,21 +18,11 @@ import torch
 from fedmergenet.config import RunConfig
 from fedmergenet.experiments.federated import run_simulation
 from fedmergenet.flower.runtime import free_port
-from fedmergenet.models import build_teacher
 from fedmergenet.results import read_metrics, read_summary
-from fedmergenet.teacher import save_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist")]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(1)
-    save_teacher(build_teacher(num_classes=10), path, dataset="fashion-mnist", epochs=0, test_top1=0.1)
-    return path
 
 
 def tiny_flags(teacher: Path, out: Path, rounds: int) -> list[str]:
@@ -107,13 +97,12 @@ def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_f
 
 
 def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher_file: Path) -> None:
-    """3 clients, a minimum of 2: one SuperNode is killed during round 2 and the run finishes."""
+    """3 clients, a minimum of 2: one SuperNode is killed (-9) during round 2 and the run finishes."""
     port = free_port()
     out = tmp_path / "dropout"
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "federated_mergenet_server.py"), "--insecure", "--port", str(port),
-         "--num-clients", "3", "--min-clients", "2", "--train-limit", "300", *tiny_flags(teacher_file, out, rounds=3)[2:]]
-        + ["--rounds", "3"],
+         "--num-clients", "3", "--min-clients", "2", "--skip-federated-eval", *tiny_flags(teacher_file, out, rounds=2)],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     nodes = []
@@ -126,19 +115,21 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
         deadline = time.monotonic() + 300
-        while rows_written(out) < 2:  # round 1 is done: round 2 is under way
+        while rows_written(out) < 2:  # round 1 is done: round 2's training is being sent out
             assert server.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        os.killpg(nodes[2].pid, signal.SIGKILL)  # the SuperNode and its ClientApp, mid-round
+        time.sleep(4)
+        supernode = int(subprocess.run(["pgrep", "-P", str(nodes[2].pid)], capture_output=True, text=True).stdout.split()[0])
+        os.killpg(supernode, signal.SIGKILL)  # the SuperNode with its ClientApp: a crash, no goodbye
         output, _ = server.communicate(timeout=500)
         assert server.returncode == 0, output[-3000:]
         rows = read_metrics(out)
-        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert [r["round"] for r in rows] == [0, 1, 2]
         assert rows[1]["replies"] == 3
-        lost = sum(r["failures"] + (r["sampled"] - r["replies"] - r["failures"]) for r in rows[2:])
-        assert lost >= 1  # the lost reply is counted
-        assert all(r["round_status"] == "ok" for r in rows[1:])  # the others' updates were averaged
-        assert rows[3]["replies"] == 2
+        assert rows[2]["sampled"] == 3 and rows[2]["replies"] == 2
+        assert rows[2]["failures"] == 1  # the lost reply is counted
+        assert rows[2]["round_status"] == "ok"  # the others' updates were averaged
+        assert read_summary(out)["status"] == "completed"
     finally:
         for process in [server, *nodes]:
             if process.poll() is None:

@@ -12,13 +12,7 @@ from fedmergenet.training import evaluate, make_optimizer, make_scheduler, train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine two threads spin-wait on each other (3-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def central_lrs(milestones: list[int], gamma: float, epochs: int) -> list[float]:

@@ -14,9 +14,9 @@ import torch
 
 from ..config import RunConfig, validate
 from ..data import make_loader, split_train_val
-from ..flower.task import client_partitions, test_loader, train_set
+from ..flower.task import client_partitions, initial_student, test_loader, train_set
 from ..fusion import KnowledgeFusionUnit
-from ..models import STUDENT_LAYER, TEACHER_LAYER, build_student
+from ..models import STUDENT_LAYER, TEACHER_LAYER
 from ..results import append_metrics, library_versions, read_metrics, write_summary
 from ..teacher import load_teacher, random_teacher
 from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
@@ -83,7 +83,7 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
     indices = union_of_client_data(cfg)
     loader = make_loader(dataset, indices, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda")
     tests = test_loader(cfg)
-    model = build_student(num_classes=dataset.num_classes).to(device)
+    model = initial_student(cfg).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
     epochs = cfg.rounds * cfg.local_epochs  # the federated arms' budget of passes over the data

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from ..config import PROJECT_ROOT, RunConfig, validate
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import ConfigError
 from ..flower import runtime
 from ..flower.runtime import Tls
 from ..results import read_summary

@@ -20,7 +20,7 @@ from ..teacher import load_teacher, random_teacher
 from ..training import evaluate, pick_device, seed_everything
 from .state import ServerState, load_state, save_state
 from .strategy import FedMergeNet, NodeWaitTimeout, RoundLog, spec_of
-from .task import load_arrays, new_student, test_loader, train_set
+from .task import initial_student, load_arrays, test_loader, train_set
 
 app = ServerApp()
 
@@ -40,7 +40,7 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
         fraction, minimum = cfg.clients_per_round / cfg.num_clients, cfg.clients_per_round
     return {
         "fraction_train": fraction,
-        "fraction_evaluate": fraction,
+        "fraction_evaluate": 0.0 if cfg.skip_federated_eval else fraction,
         "min_train_nodes": minimum,
         "min_evaluate_nodes": minimum,
         "min_available_nodes": cfg.min_available,
@@ -64,7 +64,7 @@ class FederatedRun:
         else:
             self.teacher, self.teacher_info = load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes)
         self.test_loader = test_loader(cfg)
-        self.student = new_student(cfg)
+        self.student = initial_student(cfg)
         self.fusion_unit = self._fusion_unit() if cfg.fusion else None
         self.strategy = FedMergeNet(
             spec=spec_of(self.student.state_dict()),

@@ -72,7 +72,15 @@ def test_loader(cfg: RunConfig) -> DataLoader:
 
 
 def new_student(cfg: RunConfig) -> MobileNetV2:
+    """A student whose weights are about to be overwritten (clients load the global model)."""
     return build_student(num_classes=train_set(cfg).num_classes)
+
+
+def initial_student(cfg: RunConfig) -> MobileNetV2:
+    """The starting weights, a function of the seed alone: every arm of a comparison starts equal."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return new_student(cfg)
 
 
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
