@@ -134,3 +134,17 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher
         for process in [server, *nodes]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_too_few_clients_stop_the_run_cleanly_after_the_bounded_wait(tmp_path: Path, teacher_file: Path) -> None:
+    """Flower would wait forever for the minimum of clients; the server waits --node-wait-timeout."""
+    out = tmp_path / "lonely"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "federated_mergenet_server.py"), "--insecure", "--port", str(free_port()),
+         "--num-clients", "2", "--node-wait-timeout", "5", *tiny_flags(teacher_file, out, rounds=2)],
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "only 0 of the 2 required clients connected within 5 s" in result.stderr
+    summary = read_summary(out)
+    assert summary["status"] == "stopped" and summary["rounds"] == 0
+    assert [r["round"] for r in read_metrics(out)] == [0]  # the results so far are kept
