@@ -43,7 +43,22 @@ def preflight(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--num-clients {cfg.num_clients} exceeds the {len(train)} training images")
     if cfg.fusion and not cfg.random_teacher:
         load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=train.num_classes)
+    record_partitions(cfg, out)
     return cfg
+
+
+def record_partitions(cfg: RunConfig, out: Path, echo: bool = True) -> None:
+    """Each client's size and label histogram, as data (partitions.json) and on the console."""
+    import json
+
+    from ..data import format_partition_report, partition_report
+    from ..flower.task import client_partitions, train_set
+
+    labels = train_set(cfg).labels
+    report = partition_report(labels, client_partitions(cfg), train_set(cfg).num_classes)
+    (out / "partitions.json").write_text(json.dumps(report, indent=1) + "\n")
+    if echo:
+        print(format_partition_report(report), flush=True)
 
 
 def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:

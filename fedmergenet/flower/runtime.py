@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -175,10 +174,6 @@ class Processes:
         for handle in self.logs:
             handle.close()
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.started]
-
 
 @contextlib.contextmanager
 def managed() -> Iterator[Processes]:
@@ -311,9 +306,3 @@ def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
         if int(run.get("run-id", run.get("run_id", -1))) == run_id:
             return str(run.get("status", "unknown"))
     return "unknown"
-
-
-def which_flower() -> None:
-    for tool in ("flwr", "flower-superlink", "flower-supernode"):
-        if shutil.which(tool, path=flwr_env()["PATH"]) is None:
-            raise RuntimeFailure(f"{tool} not found: install the requirements into this virtual environment")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -96,7 +94,3 @@ def record_bytes(arrays: ArrayRecord) -> int:
 def global_epoch(cfg: RunConfig, server_round: int) -> int:
     """The global epoch a round starts at: its LR is the central baseline's LR at that epoch."""
     return (server_round - 1) * cfg.local_epochs
-
-
-def output_path(cfg: RunConfig) -> Path:
-    return cfg.output_path()
