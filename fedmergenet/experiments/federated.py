@@ -26,7 +26,7 @@ def absolute(cfg: RunConfig) -> RunConfig:
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """Every check that can fail fast, before any process starts or any client trains."""
-    from ..data import load_dataset
+    from ..flower.task import train_set
     from ..teacher import load_teacher
 
     cfg = absolute(validate(cfg))
@@ -38,7 +38,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"output directory {out} is not writable ({exc.strerror})") from None
-    train = load_dataset(cfg.dataset, cfg.data_dir, train=True, limit=cfg.train_limit, seed=cfg.seed)
+    train = train_set(cfg)  # the cached reader: the partition report below reads it again
     if cfg.num_clients > len(train):
         raise ConfigError(f"--num-clients {cfg.num_clients} exceeds the {len(train)} training images")
     if cfg.fusion and not cfg.random_teacher:
@@ -54,8 +54,8 @@ def record_partitions(cfg: RunConfig, out: Path, echo: bool = True) -> None:
     from ..data import format_partition_report, partition_report
     from ..flower.task import client_partitions, train_set
 
-    labels = train_set(cfg).labels
-    report = partition_report(labels, client_partitions(cfg), train_set(cfg).num_classes)
+    dataset = train_set(cfg)
+    report = partition_report(dataset.labels, client_partitions(cfg), dataset.num_classes)
     (out / "partitions.json").write_text(json.dumps(report, indent=1) + "\n")
     if echo:
         print(format_partition_report(report), flush=True)
