@@ -47,6 +47,12 @@ def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
     if server:
         group.add_argument("--ssl-certfile", help="SuperLink certificate (PEM)")
         group.add_argument("--ssl-keyfile", help="SuperLink private key (PEM)")
+        group.add_argument("--auth-supernode-keys", nargs="+", metavar="PATH", default=[],
+                           help="only clients holding these keys may join: public key files (.pub) or folders "
+                                "of them (scripts/make_node_keys.sh); needs TLS")
+    else:
+        group.add_argument("--auth-supernode-private-key", metavar="PATH",
+                           help="this client's private key, when the server authenticates clients")
 
 
 def _tls(args: argparse.Namespace, server: bool):
@@ -65,6 +71,37 @@ def _tls(args: argparse.Namespace, server: bool):
     if server:
         return Tls(Path(args.ca_cert), Path(args.ssl_certfile), Path(args.ssl_keyfile))
     return Tls(Path(args.ca_cert))
+
+
+def _node_public_keys(paths: Sequence[str]) -> list[Path]:
+    """Key files named directly, or every ``*.pub`` in a named folder; each must be an EC key."""
+    keys: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        found = sorted(path.glob("*.pub")) if path.is_dir() else [path]
+        if not found:
+            raise ConfigError(f"no *.pub node keys in {path}")
+        keys += found
+    for key in keys:
+        _check_node_key(key, private=False)
+    return keys
+
+
+def _check_node_key(path: Path, private: bool) -> Path:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    kind = "private" if private else "public"
+    try:
+        data = path.read_bytes()
+        key = load_ssh_private_key(data, None) if private else load_ssh_public_key(data)
+    except OSError as exc:
+        raise ConfigError(f"node {kind} key {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"node {kind} key {path} is not an OpenSSH key ({exc})") from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        raise ConfigError(f"node {kind} key {path} must be ECDSA (ssh-keygen -t ecdsa), as Flower requires")
+    return path
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -161,9 +198,12 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = _config(args)
     tls = _tls(args, server=True)
+    node_keys = _node_public_keys(args.auth_supernode_keys)
+    if node_keys and tls is None:
+        raise ConfigError("--auth-supernode-keys needs TLS: pass the certificate options instead of --insecure")
     from .experiments.federated import serve
 
-    out = serve(cfg, host=args.host, port=args.port, tls=tls)
+    out = serve(cfg, host=args.host, port=args.port, tls=tls, node_keys=node_keys)
     print(f"results: {out}")
     return 0
 
@@ -182,9 +222,15 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="this SuperNode's local port (default: a free one)")
     parser.add_argument("--max-wait-time", type=float, default=60.0,
                         help="seconds to keep reconnecting once the server is gone")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for training (default 0: all cores; set it when clients share a machine)")
     _tls_options(parser, server=False)
     args = parser.parse_args(argv)
     tls = _tls(args, server=False)
+    auth_key = args.auth_supernode_private_key
+    if auth_key is not None:
+        _check_node_key(Path(auth_key), private=True)
     from .experiments.federated import join
 
-    return join(args.client_id, args.num_clients, args.server_address, args.device, args.port, tls, args.max_wait_time)
+    return join(args.client_id, args.num_clients, args.server_address, args.device, args.port, tls, args.max_wait_time,
+                Path(auth_key) if auth_key else None, args.threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
 import struct
@@ -310,3 +311,30 @@ def test_split_train_val_is_disjoint_covering_and_repeatable() -> None:
     assert len(split_train_val(indices, 0.0, seed=0)[1]) == 0
     with pytest.raises(ConfigError):
         split_train_val(indices, 1.0, seed=0)
+
+
+def test_client_partitions_are_computed_once_and_then_read_from_the_cache(
+    cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployment starts a fresh ClientApp process per message: the split is cached on disk."""
+    from fedmergenet.config import RunConfig
+    from fedmergenet.flower import task
+
+    monkeypatch.setenv("FEDMERGENET_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = RunConfig(dataset="cifar100", data_dir=str(cifar_dir), num_clients=4, alpha=0.0, seed=3)
+    first = task.client_partitions(cfg)
+    assert len(list((tmp_path / "cache" / "partitions").glob("*.npz"))) == 1
+
+    def must_not_split(*args, **kwargs):
+        raise AssertionError("the cached split should have been read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(task, "partition_indices", must_not_split)
+        again = task.client_partitions(cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+    other_seed = task.client_partitions(dataclasses.replace(cfg, seed=4))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other_seed))  # its own entry
+    for damaged in (tmp_path / "cache" / "partitions").glob("*.npz"):
+        damaged.write_bytes(b"not an npz")
+    assert all(np.array_equal(a, b) for a, b in zip(first, task.client_partitions(cfg)))  # recomputed

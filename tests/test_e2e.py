@@ -88,34 +88,41 @@ def _python(script: str, *args: str) -> list[str]:
 
 @pytest.mark.slow
 @needs_fashion
-def test_server_and_two_clients_in_separate_processes_over_tls(tmp_path: Path, teacher_file: Path) -> None:
-    """The write-up's separate terminals, over TLS: 2 rounds with fusion in round 2; a plaintext
-    client is refused; once the server is done the clients exit by themselves."""
-    certs = tmp_path / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certificates.sh"), "127.0.0.1", str(certs)], check=True,
-                   capture_output=True)
+def test_server_and_two_clients_in_separate_processes_over_tls_with_node_auth(tmp_path: Path, teacher_file: Path) -> None:
+    """The write-up's separate terminals, secured: TLS and SuperNode authentication, 2 rounds with
+    fusion in round 2. A plaintext client and a client with an unregistered key are refused;
+    once the server is done the clients exit by themselves."""
+    certs, keys, stranger = tmp_path / "certs", tmp_path / "nodes", tmp_path / "stranger"
+    for command in (["make_certificates.sh", "127.0.0.1", str(certs)], ["make_node_keys.sh", "2", str(keys)],
+                    ["make_node_keys.sh", "1", str(stranger)]):
+        subprocess.run(["bash", str(ROOT / "scripts" / command[0]), *command[1:]], check=True, capture_output=True)
     port = free_port()
     out = tmp_path / "deployed"
     flags = ["--port", str(port), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
-             "--ssl-keyfile", str(certs / "server.key"), "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
+             "--ssl-keyfile", str(certs / "server.key"), "--auth-supernode-keys", str(keys),
+             "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
              "--test-limit", "64", "--batch-size", "16", "--teacher-checkpoint", str(teacher_file),
              "--output-dir", str(out), "--node-wait-timeout", "120", "--skip-federated-eval"]
     server = subprocess.Popen(_python("federated_mergenet_server.py", *flags), cwd=ROOT, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = _python("federated_mergenet_client.py", "--num_clients", "2", "--server_address", f"127.0.0.1:{port}",
-                     "--max-wait-time", "10")
+                     "--max-wait-time", "10", "--threads", "1")
+    tls = ["--root-certificates", str(certs / "ca.crt")]
     clients = []
     try:
         time.sleep(3)
         plaintext = _start(client + ["--client_id", "1", "--insecure"])
-        clients = [_start(client + ["--client_id", str(i), "--root-certificates", str(certs / "ca.crt")]) for i in (0, 1)]
+        unknown = _start(client + ["--client_id", "1", *tls, "--auth-supernode-private-key", str(stranger / "client_0")])
+        clients = [_start(client + ["--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}")])
+                   for i in (0, 1)]
         output, _ = server.communicate(timeout=500)
         assert server.returncode == 0, output[-3000:]
         rows = read_metrics(out)
         assert [r["round"] for r in rows] == [0, 1, 2]
         assert [r["fusion_applied"] for r in rows] == [0, 0, 1]
-        assert rows[1]["replies"] == 2  # the two TLS clients, never the plaintext one
+        assert rows[1]["replies"] == 2  # the two registered TLS clients, never the other two
         assert plaintext.wait(timeout=90) != 0  # it could not connect and gave up
+        assert unknown.wait(timeout=90) != 0  # TLS alone does not let a node in
         for process in clients:  # the server is gone: they stop by themselves within a minute
             assert process.wait(timeout=60) == 0
         assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
@@ -191,3 +198,28 @@ def test_server_refuses_a_port_in_use_and_an_unwritable_output(tmp_path: Path, t
                                     "--output-dir", str(blocker / "out")),
                             cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert "not writable" in _one_line_error(result)
+
+
+def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmergenet.cli import client_main, server_main
+
+    certs, keys = tmp_path / "certs", tmp_path / "nodes"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certificates.sh"), "127.0.0.1", str(certs)], check=True,
+                   capture_output=True)
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_node_keys.sh"), "1", str(keys)], check=True, capture_output=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "rsa")], check=True)
+    (tmp_path / "empty").mkdir()
+    tls = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+           "--ssl-keyfile", str(certs / "server.key")]
+    cases = [
+        (server_main, ["--insecure", "--auth-supernode-keys", str(keys)], "needs TLS"),
+        (server_main, [*tls, "--auth-supernode-keys", str(tmp_path / "missing.pub")], "missing.pub"),
+        (server_main, [*tls, "--auth-supernode-keys", str(tmp_path / "empty")], "no *.pub node keys"),
+        (server_main, [*tls, "--auth-supernode-keys", str(tmp_path / "rsa.pub")], "must be ECDSA"),
+        (client_main, ["--client_id", "0", "--insecure", "--auth-supernode-private-key", str(keys / "client_0.pub")],
+         "not an OpenSSH key"),
+    ]
+    for main, args, expected in cases:
+        assert main(args) == 2, args
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], (args, errors)

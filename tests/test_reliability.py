@@ -58,6 +58,21 @@ def test_malformed_updates_are_rejected_and_the_rest_averaged(tmp_path: Path, te
     assert read_summary(tmp_path / "out")["status"] == "completed"
 
 
+def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(tmp_path: Path, teacher_file: Path) -> None:
+    """Flower ends a phase at its timeout with zero replies and no error; we say so in the round."""
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=64, test_limit=32, rounds=1, local_epochs=1,
+                    num_clients=2, batch_size=16, round_timeout=1.0, skip_federated_eval=True,
+                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
+    run_simulation(cfg, echo=False)
+
+    rows = read_metrics(tmp_path / "out")
+    assert rows[1]["round_status"] == "no_replies"
+    assert rows[1]["sampled"] == 2 and rows[1]["replies"] == 0 and rows[1]["fusion_applied"] == 0
+    assert rows[1]["test_top1"] == rows[0]["test_top1"]  # the global model was kept
+    assert "no sound update" in (tmp_path / "out" / "flower.log").read_text()
+    assert read_summary(tmp_path / "out")["rounds_without_update"] == 1
+
+
 def _runner(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "run_federated_mergenet.py"), *args], cwd=ROOT,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -111,7 +126,7 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher
         for client_id in range(3):
             nodes.append(subprocess.Popen(
                 [sys.executable, str(ROOT / "federated_mergenet_client.py"), "--client_id", str(client_id),
-                 "--num_clients", "3", "--server_address", f"127.0.0.1:{port}", "--insecure", "--max-wait-time", "10"],
+                 "--num_clients", "3", "--server_address", f"127.0.0.1:{port}", "--insecure", "--max-wait-time", "10", "--threads", "1"],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
         deadline = time.monotonic() + 300

@@ -3,6 +3,7 @@ on this machine (loopback), exactly as a user would start them in separate termi
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo:
         raise ConfigError(f"port {port} on {host} is already in use; choose another --server_address")
     python = sys.executable
     env = runtime.flwr_env()
+    # All clients share this machine's cores: oversubscribed torch threads ran 3-10x slower.
+    threads = max(1, (os.cpu_count() or 1) // cfg.num_clients)
     with runtime.managed() as processes:
         server = processes.start(
             [python, str(PROJECT_ROOT / "federated_mergenet_server.py"), "--host", host, "--port", str(port),
@@ -37,7 +40,7 @@ def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo:
             processes.start(
                 [python, str(PROJECT_ROOT / "federated_mergenet_client.py"), "--client_id", str(client_id),
                  "--num_clients", str(cfg.num_clients), "--server_address", server_address, "--device", cfg.device,
-                 "--insecure", "--max-wait-time", "20"],
+                 "--insecure", "--max-wait-time", "20", "--threads", str(threads)],
                 LOG_DIR / f"run_client_{client_id}.out", env,
             )
         code = server.wait()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import PROJECT_ROOT, RunConfig, validate
@@ -110,8 +111,12 @@ def wait_status(connection: str, run_id: int, env: dict[str, str], timeout: floa
     return status
 
 
-def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | None = None, echo: bool = True) -> Path:
-    """Deployment runtime: start a SuperLink, let SuperNodes join, submit this app, stream it."""
+def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | None = None, echo: bool = True,
+          node_keys: Sequence[Path] = ()) -> Path:
+    """Deployment runtime: start a SuperLink, let SuperNodes join, submit this app, stream it.
+    With ``node_keys`` only SuperNodes holding one of these keys' private halves may join."""
+    if node_keys and tls is None:
+        raise ConfigError("SuperNode authentication needs TLS: pass the certificate options instead of --insecure")
     cfg = preflight(cfg)
     if runtime.port_in_use(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; choose another with --port")
@@ -126,10 +131,11 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | 
     with runtime.managed() as processes:
         link = processes.start(
             runtime.superlink_command(host, port, simulation=False, tls=tls,
-                                      log_file=LOG_DIR / "superlink.log"),
+                                      log_file=LOG_DIR / "superlink.log", node_auth=bool(node_keys)),
             LOG_DIR / "superlink.out", env,
         )
         runtime.wait_for_port(address.split(":")[0], port, timeout=60, process=link)
+        runtime.register_nodes(name, node_keys, env)
         if echo:
             print(f"SuperLink listening on {host}:{port}; waiting for {cfg.min_available} client(s) "
                   f"(up to {cfg.node_wait_timeout:.0f} s)", flush=True)
@@ -140,7 +146,7 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | 
 
 
 def join(client_id: int, num_clients: int, server_address: str, device: str = "cpu", port: int = 0,
-         tls: Tls | None = None, max_wait_time: float = 60.0) -> int:
+         tls: Tls | None = None, max_wait_time: float = 60.0, auth_key: Path | None = None, threads: int = 0) -> int:
     """Run one SuperNode serving partition ``client_id`` of ``num_clients`` until the server goes away."""
     if not 0 <= client_id < num_clients:
         raise ConfigError(f"--client_id {client_id} must be in 0..{num_clients - 1} for --num_clients {num_clients}")
@@ -150,7 +156,10 @@ def join(client_id: int, num_clients: int, server_address: str, device: str = "c
     port = port or runtime.free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"federated_mergenet_client_{client_id}.log"
-    command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time)
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = all cores), got {threads}")
+    command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time,
+                                        auth_key, threads)
     print(f"Client {client_id}/{num_clients} joining {server_address}; log: {log_path}", flush=True)
     return runtime.follow(command, env, log_path, stop_when=GAVE_UP, joined=JOINED)
 

@@ -25,9 +25,11 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.d
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     device = pick_device(str(context.node_config.get("device", cfg.device)))
-    if cfg.client_threads > 0:
-        # Clients sharing few cores must not each spin up every core's worth of threads.
-        torch.set_num_threads(cfg.client_threads)
+    # The node's own setting wins: only the person starting a client knows what else shares
+    # its cores. Clients sharing few cores must not each spin up every core's worth of threads.
+    threads = int(context.node_config.get("threads", 0)) or cfg.client_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
     return cfg, partition_id, num_partitions, device
 
 

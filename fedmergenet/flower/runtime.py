@@ -206,13 +206,14 @@ def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_whe
             if was_joined:
                 print("The server is gone: this client stopped.", flush=True)
                 return 0
-            print("error: could not connect to the server (wrong address, TLS settings, or not running)",
-                  file=sys.stderr, flush=True)
+            print("error: could not connect to the server (wrong address, TLS settings, a node key the server has "
+                  "not registered, or the server is not running)", file=sys.stderr, flush=True)
             return 1
         return process.wait()
 
 
-def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path) -> list[str]:
+def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path,
+                      node_auth: bool = False) -> list[str]:
     # In-memory state: our own server_state.pt is what a resume needs, and Flower's SQLite
     # state made each 9 MB model message take tens of seconds to pass through the SuperLink.
     command = [
@@ -226,12 +227,15 @@ def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, l
     else:
         command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
                     "--ssl-keyfile", str(tls.server_key)]
+    if node_auth:
+        command.append("--enable-supernode-auth")  # only registered public keys may join
     return command
 
 
 def supernode_command(superlink: str, port: int, partition_id: int, num_partitions: int, device: str,
-                      tls: Tls | None, max_wait_time: float = 60.0) -> list[str]:
-    node_config = f"partition-id={partition_id} num-partitions={num_partitions} device='{device}'"
+                      tls: Tls | None, max_wait_time: float = 60.0, auth_key: Path | None = None,
+                      threads: int = 0) -> list[str]:
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions} device='{device}' threads={threads}"
     command = [
         "flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", node_config,
         # When the server is gone, give up reconnecting instead of hanging in the terminal.
@@ -241,7 +245,19 @@ def supernode_command(superlink: str, port: int, partition_id: int, num_partitio
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(tls.ca_cert)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
     return command
+
+
+def register_nodes(connection: str, public_keys: Sequence[Path], env: dict[str, str]) -> None:
+    """Let the holders of these public keys join a SuperLink started with node authentication."""
+    for key in public_keys:
+        result = subprocess.run(["flwr", "supernode", "register", str(key), connection], capture_output=True,
+                                text=True, env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, timeout=120)
+        if result.returncode != 0:
+            detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+            raise RuntimeFailure(f"could not register node key {key}: {detail[-1] if detail else 'no output'}")
 
 
 def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:

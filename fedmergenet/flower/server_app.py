@@ -160,6 +160,8 @@ class FederatedRun:
             "best_top5": max((r["test_top5"] for r in rows), default=None),
             "final_top5": rows[-1]["test_top5"] if rows else None,
             "fusion_rounds": sum(r["fusion_applied"] for r in done),
+            # Rounds that kept the previous model (every reply lost, late or rejected).
+            "rounds_without_update": sum(r["round_status"] != "ok" for r in done),
             "bytes_total": bytes_total,
             "bytes_per_round": bytes_total / len(done) if done else 0,
             "wall_time_s": time.time() - self.start,

@@ -5,14 +5,19 @@ Flower's plumbing stays in the app files; this module holds no Flower control fl
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch.utils.data import DataLoader
 
-from ..config import RunConfig
+from ..config import PROJECT_ROOT, RunConfig
 from ..data import ImageDataset, load_dataset, make_loader, partition_indices, split_train_val
 from ..models import MobileNetV2, build_student
 
@@ -36,7 +41,44 @@ def client_partitions(cfg: RunConfig, num_partitions: int | None = None) -> list
     labels = train_set(cfg).labels
     alpha = cfg.alpha if cfg.alpha > 0 else None
     n = num_partitions or cfg.num_clients
-    return partition_indices(labels, n, alpha=alpha, seed=cfg.seed, min_partition_size=min(10, len(labels) // n))
+    min_size = min(10, len(labels) // n)
+    path = _partition_cache(cfg, labels, n, alpha, min_size)
+    cached = _read_partitions(path, n)
+    if cached is not None:
+        return cached
+    parts = partition_indices(labels, n, alpha=alpha, seed=cfg.seed, min_partition_size=min_size)
+    _write_partitions(path, parts)
+    return parts
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDMERGENET_CACHE_DIR", PROJECT_ROOT / ".cache"))
+
+
+def _partition_cache(cfg: RunConfig, labels: torch.Tensor, n: int, alpha: float | None, min_size: int) -> Path:
+    # The deployment runtime starts a fresh ClientApp process per message; recomputing the split
+    # there imports Hugging Face datasets (~2 s). The key holds the labels themselves, so a
+    # cached split can only be reused for exactly the data and settings that produced it.
+    key = hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes())
+    key.update(repr((n, alpha, cfg.seed, min_size)).encode())
+    return cache_dir() / "partitions" / f"{key.hexdigest()[:32]}.npz"
+
+
+def _read_partitions(path: Path, n: int) -> list[np.ndarray] | None:
+    try:
+        with np.load(path) as saved:
+            parts = [saved[f"p{i}"] for i in range(n)]
+    except (OSError, KeyError, ValueError):
+        return None  # absent, or unreadable: compute it again
+    return parts
+
+
+def _write_partitions(path: Path, parts: list[np.ndarray]) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only costs time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{f"p{i}": part for i, part in enumerate(parts)})
+        os.replace(tmp, path)  # clients reading concurrently see the whole file or none
 
 
 @dataclass
