@@ -29,6 +29,7 @@ Subcommands (extra ARGS are passed on to the Python entry point):
   server [ARGS]       SuperLink + app in deployment mode: federated_mergenet_server.py
   client ID [ARGS]    one client (SuperNode) with numeric id ID: federated_mergenet_client.py
   compare [ARGS]      comparison report: compare_results.py [RESULT_DIR ...] [--out DIR]
+  bench [ARGS]        benchmarks, writes BENCHMARKS.md: python -m benchmarks [--tiny]
   setup               create (or reuse) the virtual environment and exit
   test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest -q)
   help, -h, --help    show this text
@@ -153,6 +154,10 @@ case "$cmd" in
         run federated_mergenet_client.py --client_id "$client_id" "$@"
         ;;
     compare) run compare_results.py "$@" ;;
+    bench)
+        ensure_venv
+        exec "$PY" -m benchmarks "$@"
+        ;;
     test)
         ensure_venv
         exec "$PY" -m pytest -q "$@"

@@ -86,53 +86,6 @@ def _python(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
 
 
-@pytest.mark.slow
-@needs_fashion
-def test_server_and_two_clients_in_separate_processes_over_tls_with_node_auth(tmp_path: Path, teacher_file: Path) -> None:
-    """The write-up's separate terminals, secured: TLS and SuperNode authentication, 2 rounds with
-    fusion in round 2. A plaintext client and a client with an unregistered key are refused;
-    once the server is done the clients exit by themselves."""
-    certs, keys, stranger = tmp_path / "certs", tmp_path / "nodes", tmp_path / "stranger"
-    for command in (["make_certificates.sh", "127.0.0.1", str(certs)], ["make_node_keys.sh", "2", str(keys)],
-                    ["make_node_keys.sh", "1", str(stranger)]):
-        subprocess.run(["bash", str(ROOT / "scripts" / command[0]), *command[1:]], check=True, capture_output=True)
-    port = free_port()
-    out = tmp_path / "deployed"
-    flags = ["--port", str(port), "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
-             "--ssl-keyfile", str(certs / "server.key"), "--auth-supernode-keys", str(keys),
-             "--rounds", "2", "--num-clients", "2", "--train-limit", "96",
-             "--test-limit", "64", "--batch-size", "16", "--teacher-checkpoint", str(teacher_file),
-             "--output-dir", str(out), "--node-wait-timeout", "120", "--skip-federated-eval"]
-    server = subprocess.Popen(_python("federated_mergenet_server.py", *flags), cwd=ROOT, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    client = _python("federated_mergenet_client.py", "--num_clients", "2", "--server_address", f"127.0.0.1:{port}",
-                     "--max-wait-time", "10", "--threads", "1")
-    tls = ["--root-certificates", str(certs / "ca.crt")]
-    clients = []
-    try:
-        time.sleep(3)
-        plaintext = _start(client + ["--client_id", "1", "--insecure"])
-        unknown = _start(client + ["--client_id", "1", *tls, "--auth-supernode-private-key", str(stranger / "client_0")])
-        clients = [_start(client + ["--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}")])
-                   for i in (0, 1)]
-        output, _ = server.communicate(timeout=500)
-        assert server.returncode == 0, output[-3000:]
-        rows = read_metrics(out)
-        assert [r["round"] for r in rows] == [0, 1, 2]
-        assert [r["fusion_applied"] for r in rows] == [0, 0, 1]
-        assert rows[1]["replies"] == 2  # the two registered TLS clients, never the other two
-        assert plaintext.wait(timeout=90) != 0  # it could not connect and gave up
-        assert unknown.wait(timeout=90) != 0  # TLS alone does not let a node in
-        for process in clients:  # the server is gone: they stop by themselves within a minute
-            assert process.wait(timeout=60) == 0
-        assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
-        assert (ROOT / "logs" / "federated_mergenet_client_0.log").is_file()
-    finally:
-        for process in [server, *clients]:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
 def _start(command: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -223,3 +176,21 @@ def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: py
         assert main(args) == 2, args
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], (args, errors)
+
+
+def test_flwr_run_gets_a_slim_copy_of_the_app_with_the_same_bundle(tmp_path: Path) -> None:
+    """`flwr run` walks every file of the app folder (a virtualenv inside took ~6 s per run):
+    it is handed a copy holding only what a bundle can hold, and builds the same bundle."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedmergenet.flower.runtime import stage_app
+
+    staged = stage_app(ROOT, tmp_path / "app")
+    assert not (staged / ".venv").exists() and not (staged / ".git").exists()
+    bundle = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(staged))).namelist())
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fedmergenet").rglob("*.py")}
+    expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "config").glob("*.yaml")}
+    assert bundle == expected | {"pyproject.toml", ".info/CONTENT"}

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "start_federated_experiment.sh"
 VENV = ROOT / ".venv"  # the project's existing virtual environment: nothing gets installed
-SUBCOMMANDS = ["quick", "suite", "paper", "server", "client", "compare", "setup", "help"]
+SUBCOMMANDS = ["quick", "suite", "paper", "server", "client", "compare", "bench", "setup", "help"]
 
 
 def launch(*args: str, script: Path = SCRIPT, timeout: float = 20) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Faults tried for real on loopback: malformed updates from a ClientApp that misbehaves on
-purpose, a server stopped mid-run and resumed, a client killed mid-round. (TLS and a
-plaintext client refused by it: tests/test_e2e.py.)"""
+purpose, a phase that times out, a server stopped mid-run and resumed, a secured deployment
+with strangers knocking and a client killed mid-round, too few clients."""
 
 from __future__ import annotations
 
@@ -111,24 +111,43 @@ def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_f
     assert final["stage6.2.residual.6.weight"].shape == (160, 960, 1, 1)
 
 
-def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher_file: Path) -> None:
-    """3 clients, a minimum of 2: one SuperNode is killed (-9) during round 2 and the run finishes."""
+def _script(name: str, *args: str, output: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / name), *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if output else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid_round(
+    tmp_path: Path, teacher_file: Path
+) -> None:
+    """The write-up's separate terminals, secured and faulty, in one deployment run: TLS and
+    SuperNode authentication with 3 registered clients and a minimum of 2. A plaintext client
+    and a client with an unregistered key are refused; one registered client is killed (-9)
+    during round 2; the run finishes, fusing in round 2, and the survivors exit by themselves."""
+    certs, keys, stranger = tmp_path / "certs", tmp_path / "nodes", tmp_path / "stranger"
+    for command in (["make_certificates.sh", "127.0.0.1", str(certs)], ["make_node_keys.sh", "3", str(keys)],
+                    ["make_node_keys.sh", "1", str(stranger)]):
+        subprocess.run(["bash", str(ROOT / "scripts" / command[0]), *command[1:]], check=True, capture_output=True)
     port = free_port()
-    out = tmp_path / "dropout"
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "federated_mergenet_server.py"), "--insecure", "--port", str(port),
-         "--num-clients", "3", "--min-clients", "2", "--skip-federated-eval", *tiny_flags(teacher_file, out, rounds=2)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    out = tmp_path / "deployed"
+    server = _script("federated_mergenet_server.py", "--port", str(port), "--ssl-ca-certfile", str(certs / "ca.crt"),
+                     "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+                     "--auth-supernode-keys", str(keys), "--num-clients", "3", "--min-clients", "2",
+                     "--skip-federated-eval", "--node-wait-timeout", "120", *tiny_flags(teacher_file, out, rounds=2),
+                     output=True)
+    client = ["federated_mergenet_client.py", "--num_clients", "3", "--server_address", f"127.0.0.1:{port}",
+              "--max-wait-time", "10", "--threads", "1"]
+    tls = ["--root-certificates", str(certs / "ca.crt")]
     nodes = []
     try:
-        time.sleep(3)
-        for client_id in range(3):
-            nodes.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "federated_mergenet_client.py"), "--client_id", str(client_id),
-                 "--num_clients", "3", "--server_address", f"127.0.0.1:{port}", "--insecure", "--max-wait-time", "10", "--threads", "1"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
+        for line in server.stdout:  # the server says when the SuperLink is up and the keys are registered
+            if "waiting for" in line:
+                assert "3 node key(s) registered" in line
+                break
+        plaintext = _script(*client, "--client_id", "2", "--insecure")
+        unknown = _script(*client, "--client_id", "2", *tls, "--auth-supernode-private-key", str(stranger / "client_0"))
+        nodes = [_script(*client, "--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}"))
+                 for i in range(3)]
         deadline = time.monotonic() + 300
         while rows_written(out) < 2:  # round 1 is done: round 2's training is being sent out
             assert server.poll() is None and time.monotonic() < deadline
@@ -140,11 +159,17 @@ def test_a_client_killed_mid_round_does_not_stop_the_run(tmp_path: Path, teacher
         assert server.returncode == 0, output[-3000:]
         rows = read_metrics(out)
         assert [r["round"] for r in rows] == [0, 1, 2]
-        assert rows[1]["replies"] == 3
+        assert rows[1]["replies"] == 3  # the three registered TLS clients, never the other two
         assert rows[2]["sampled"] == 3 and rows[2]["replies"] == 2
         assert rows[2]["failures"] == 1  # the lost reply is counted
-        assert rows[2]["round_status"] == "ok"  # the others' updates were averaged
+        assert rows[2]["round_status"] == "ok" and rows[2]["fusion_applied"] == 1  # the others' updates, fused
         assert read_summary(out)["status"] == "completed"
+        assert plaintext.wait(timeout=90) != 0  # it could not connect and gave up
+        assert unknown.wait(timeout=90) != 0  # TLS alone does not let a node in
+        for process in nodes[:2]:  # the server is gone: the survivors stop by themselves
+            assert process.wait(timeout=60) == 0
+        assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
+        assert (ROOT / "logs" / "federated_mergenet_client_0.log").is_file()
     finally:
         for process in [server, *nodes]:
             if process.poll() is None:

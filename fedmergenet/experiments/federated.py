@@ -136,8 +136,9 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | 
         )
         runtime.wait_for_port(address.split(":")[0], port, timeout=60, process=link)
         runtime.register_nodes(name, node_keys, env)
-        if echo:
-            print(f"SuperLink listening on {host}:{port}; waiting for {cfg.min_available} client(s) "
+        if echo:  # only now: a client knocking before its key is registered is turned away
+            authenticated = f", {len(node_keys)} node key(s) registered" if node_keys else ""
+            print(f"SuperLink listening on {host}:{port}{authenticated}; waiting for {cfg.min_available} client(s) "
                   f"(up to {cfg.node_wait_timeout:.0f} s)", flush=True)
         run_id = runtime.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo)
         status = wait_status(name, run_id, env)
@@ -161,10 +162,12 @@ def join(client_id: int, num_clients: int, server_address: str, device: str = "c
     command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time,
                                         auth_key, threads)
     print(f"Client {client_id}/{num_clients} joining {server_address}; log: {log_path}", flush=True)
-    return runtime.follow(command, env, log_path, stop_when=GAVE_UP, joined=JOINED)
+    return runtime.follow(command, env, log_path, stop_when=(GAVE_UP, EXITED), joined=JOINED, refused=REFUSED)
 
 
 # What flower-supernode 1.42 logs when the SuperLink stayed away past --max-wait-time; the
 # process itself then lingers, so the client script stops it.
 GAVE_UP = "Giving up reconnection"
+EXITED = "Exit Code:"  # flower-supernode's fatal errors; its SuperExec child may linger
+REFUSED = "Failed to activate SuperNode"  # the SuperLink authenticates nodes and this key is unknown
 JOINED = "SuperNode ID:"

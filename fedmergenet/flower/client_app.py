@@ -34,7 +34,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.d
 
 
 def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
-                server_round: int, device: torch.device) -> tuple[float, int]:
+                server_round: int, device: torch.device,
+                memory_format: torch.memory_format | None = None) -> tuple[float, int]:
     """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch."""
     data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -42,7 +43,7 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
     loss = float("nan")
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
-        loss = train_epoch(model, data.train, optimizer, device, desc=desc)
+        loss = train_epoch(model, data.train, optimizer, device, desc=desc, memory_format=memory_format)
         scheduler.step()
     return loss, data.num_train
 

@@ -92,9 +92,11 @@ class FederatedRun:
         server_round += self.round_offset
         load_arrays(self.student, arrays)
         self.student.to(self.device)
+        start = time.perf_counter()
         result = evaluate(self.student, self.test_loader, self.device, desc=f"server eval round {server_round}")
+        eval_ms = 1000 * (time.perf_counter() - start)
         self.student.cpu()
-        row = self.row(server_round, result, self.strategy.round_log(server_round))
+        row = self.row(server_round, result, self.strategy.round_log(server_round)) | {"server_eval_ms": eval_ms}
         append_metrics(self.out, row)
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1

@@ -1,0 +1,1 @@
+"""Benchmarks of federated MergeNet against plain references: ``python -m benchmarks``."""

@@ -1,0 +1,95 @@
+"""python -m benchmarks [--tiny] [--out BENCHMARKS.md]: measure, write benchmarks.json, render BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmergenet.config import PROJECT_ROOT
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except OSError:
+        memory = 0
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "memory_gib": memory / 2**30,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
+
+
+def measure(settings) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from . import measure as m
+    from . import runs, startup
+
+    torch.set_num_threads(settings.threads)
+    steps = [
+        ("throughput", lambda: m.client_throughput(settings)),
+        ("fusion", lambda: m.fusion_step(settings)),
+        ("checkpoint", lambda: m.checkpoint_write(settings)),
+        ("wire", lambda: m.student_wire(m.throughput_config(settings))),
+        ("startup", lambda: startup.client_startup(settings)),
+        ("runtime", lambda: runs.server_and_runtime(settings)),
+        ("scale", lambda: runs.scale(settings)),
+    ]
+    data: dict[str, Any] = {}
+    for name, step in tqdm(steps, desc="benchmarks", unit="figure"):
+        data[name] = step()
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .measure import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="raw data (default: benchmarks/benchmarks.json)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="smallest settings: proves every figure runs, measures nothing")
+    args = parser.parse_args(argv)
+    json_path = args.json or (args.out.parent / "benchmarks" / "benchmarks.json" if not args.tiny
+                              else args.out.with_suffix(".json"))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
+        settings = Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats,
+                            threads=os.cpu_count() or 1, work_dir=Path(work))
+        data = measure(settings)
+    data |= {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "command": shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {"tiny": settings.tiny, "repeats": settings.repeats, "threads": settings.threads},
+        "seconds": time.perf_counter() - start,
+        "json_path": os.path.relpath(json_path, args.out.parent),
+    }
+    from .write import render
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    args.out.write_text(render(data) + "\n")
+    print(f"wrote {args.out} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""In-process measurements, each a ratio against a plain reference timed in the same process:
+client training throughput, the adapter's fusion step, the wire size of the student, and the
+server's checkpoint write."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmergenet.config import AdapterConfig, RunConfig
+from fedmergenet.flower.client_app import local_train
+from fedmergenet.flower.task import client_data, initial_student
+from fedmergenet.models import STUDENT_LAYER
+from fedmergenet.training import make_optimizer
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How hard to measure: ``tiny`` only proves every benchmark runs (the test suite)."""
+
+    tiny: bool
+    repeats: int  # timed repeats, after one untimed warm-up
+    threads: int  # torch threads for the in-process measurements
+    work_dir: Path
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def throughput_config(settings: Settings) -> RunConfig:
+    """The quick preset's client: Fashion-MNIST, batch 32, one local epoch on one partition."""
+    return RunConfig(dataset="fashion-mnist", train_limit=128 if settings.tiny else 600, test_limit=32,
+                     num_clients=1, batch_size=32, lr=0.03, local_epochs=1, device="cpu")
+
+
+def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False) -> int:
+    """The reference: model, SGD, the same batches, nothing else."""
+    optimizer = make_optimizer(model, lr)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    seen = 0
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad()
+        criterion(model(images), labels).backward()
+        optimizer.step()
+        seen += len(labels)
+    return seen
+
+
+def client_throughput(settings: Settings) -> dict[str, Any]:
+    """1a: the ClientApp's local training (our loop, loader, schedule) against the plain loop,
+    on the same device, threads and batches (same partition and round seed). Ours runs with
+    its fast path (channels_last on CPU) and without it (the layout the plain loop uses)."""
+    cfg = throughput_config(settings)
+    device = torch.device("cpu")
+    start_state = initial_student(cfg).state_dict()
+    images = client_data(cfg, 0, 1).num_train
+
+    def fresh(channels_last: bool = False) -> nn.Module:
+        model = initial_student(cfg)
+        model.load_state_dict(start_state)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def ours(round_seed: int, memory_format: torch.memory_format | None = None) -> float:
+        model = fresh()
+        return timed(lambda: local_train(cfg, model, 0, 1, round_seed, device, memory_format=memory_format))
+
+    def plain(round_seed: int, channels_last: bool = False) -> float:
+        loader = client_data(cfg, 0, 1, round_seed=round_seed).train
+        model = fresh(channels_last)
+        return timed(lambda: plain_epoch(model, loader, cfg.lr, channels_last))
+
+    variants = {
+        "ours": lambda seed: ours(seed),
+        "ours_without_fast_path": lambda seed: ours(seed, torch.contiguous_format),
+        "plain": lambda seed: plain(seed),
+        "plain_channels_last": lambda seed: plain(seed, channels_last=True),
+    }
+    for measure_once in variants.values():
+        measure_once(1)  # warm-up: first-call allocations and kernel selection
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(settings.repeats):
+        # Rotate the order so drift in machine load does not favour one variant.
+        names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
+        for name in names:
+            seconds[name].append(variants[name](r + 2))
+    per_s = {name: images / median(values) for name, values in seconds.items()}
+    return {
+        "images_per_epoch": images,
+        "batch_size": cfg.batch_size,
+        "images_per_s": per_s,
+        "ratio": per_s["ours"] / per_s["plain"],
+        "ratio_without_fast_path": per_s["ours_without_fast_path"] / per_s["plain"],
+        "ratio_same_layout": per_s["ours"] / per_s["plain_channels_last"],
+    }
+
+
+def fusion_step(settings: Settings, num_classes: int = 10) -> dict[str, Any]:
+    """1b: one server fusion step (fuse, then learn from the observed layer) against the
+    adapter's bare forward + backward on the same inputs."""
+    from fedmergenet.fusion import KnowledgeFusionUnit
+
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(num_classes, 2048, generator=generator) * 0.02
+    layer = torch.randn(160, 960, 1, 1, generator=generator) * 0.05
+    observed = layer + 0.01 * torch.randn(layer.shape, generator=generator)
+    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), AdapterConfig(), total_updates=100, device="cpu", seed=0)
+    adapter, student, teacher_m = unit.adapter, layer.reshape(160, 960), unit.teacher
+    params = [p for p in adapter.parameters() if p.requires_grad]
+
+    def ours() -> tuple[float, float]:
+        start = time.perf_counter()
+        fused = unit.fuse(layer)
+        middle = time.perf_counter()
+        unit.learn(fused, observed)
+        return middle - start, time.perf_counter() - middle
+
+    def bare() -> tuple[float, float]:
+        holder: dict[str, torch.Tensor] = {}
+        forward_s = timed(lambda: holder.setdefault("out", adapter(student, teacher_m)))
+        out = holder["out"]
+        backward_s = timed(lambda: torch.autograd.grad([out], params, grad_outputs=[torch.ones_like(out)]))
+        return forward_s, backward_s
+
+    ours(), bare()
+    ours_runs = [ours() for _ in range(settings.repeats)]
+    bare_runs = [bare() for _ in range(settings.repeats)]
+    ours_total = median([a + b for a, b in ours_runs])
+    bare_total = median([a + b for a, b in bare_runs])
+    return {
+        "fuse_ms": 1000 * median([a for a, _ in ours_runs]),
+        "learn_ms": 1000 * median([b for _, b in ours_runs]),
+        "bare_forward_ms": 1000 * median([a for a, _ in bare_runs]),
+        "bare_backward_ms": 1000 * median([b for _, b in bare_runs]),
+        "step_ms": 1000 * ours_total,
+        "ratio": ours_total / bare_total,
+        "adapter_parameters": unit.num_parameters,
+    }
+
+
+def wire_bytes(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """1d: what an ArrayRecord of the student really puts on the wire (Flower's deflated
+    objects) against the raw float32 size of its state."""
+    from flwr.app import ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    objects = get_all_nested_objects(ArrayRecord(state))
+    wire = sum(len(obj.deflate()) for obj in objects.values())
+    raw = sum(t.numel() * 4 for t in state.values())
+    return {"wire_bytes": wire, "raw_float32_bytes": raw, "ratio": wire / raw, "objects": len(objects)}
+
+
+def trained_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fresh student has many identical tensors (zero biases, unit variances) that Flower
+    sends once; after training they all differ. Perturb every float tensor to measure that."""
+    generator = torch.Generator().manual_seed(1)
+    return {k: v + 1e-3 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+
+
+def student_wire(cfg: RunConfig) -> dict[str, Any]:
+    state = initial_student(cfg).state_dict()
+    return {"initial": wire_bytes(state), "trained": wire_bytes(trained_like(state))}
+
+
+def checkpoint_write(settings: Settings, num_classes: int = 10) -> dict[str, Any]:
+    """The server's per-round resumable state (global model, adapter with AdamW moments)."""
+    from fedmergenet.flower.state import ServerState, save_state
+    from fedmergenet.fusion import KnowledgeFusionUnit
+
+    teacher = torch.randn(num_classes, 2048) * 0.02
+    student = initial_student(RunConfig(dataset="fashion-mnist")).state_dict()
+    layer = student[STUDENT_LAYER]
+    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), AdapterConfig(), total_updates=10, device="cpu", seed=0)
+    fused = unit.fuse(layer)
+    unit.learn(fused, layer)  # the optimizer's moments now exist, as in every later round
+    state = ServerState(round=1, arrays=student, fusion=unit.state_dict(), pending_fused=None, best_top1=0.0,
+                        elapsed_s=0.0)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as folder:
+        out = Path(folder)
+        save_state(out, state)
+        seconds = [timed(lambda: save_state(out, state)) for _ in range(max(1, settings.repeats))]
+        size = (out / "server_state.pt").stat().st_size
+    return {"bytes": size, "write_ms": 1000 * median(seconds)}

@@ -1,0 +1,85 @@
+"""1f: what a deployment client pays per message before training starts. Flower 1.42's
+SuperNode starts a fresh ``flwr-clientapp`` process for every message, which imports torch,
+Flower's ClientApp runtime and our app, then reads its data split. This replays those steps
+in a fresh interpreter, timing each, and finishes with one local epoch for the peak memory of
+a client process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedmergenet.config import PROJECT_ROOT
+
+from .measure import Settings, median
+
+# Each step runs after the previous ones; the child prints cumulative timestamps.
+CHILD = r"""
+import json, resource, sys, time
+marks = [("interpreter", time.perf_counter())]
+import torch
+marks.append(("torch", time.perf_counter()))
+import flwr.supernode.runtime.run_clientapp
+marks.append(("flwr ClientApp runtime", time.perf_counter()))
+import torchvision
+marks.append(("torchvision (our data transforms)", time.perf_counter()))
+import fedmergenet.flower.client_app as client_app
+marks.append(("our ClientApp module", time.perf_counter()))
+from fedmergenet.config import RunConfig
+from fedmergenet.flower.task import client_data
+cfg = RunConfig(**json.loads(sys.argv[1]))
+torch.set_num_threads(cfg.client_threads)
+client_data(cfg, 0, cfg.num_clients)
+marks.append(("data split and loaders", time.perf_counter()))
+if sys.argv[2] == "train":
+    from fedmergenet.flower.task import initial_student
+    client_app.local_train(cfg, initial_student(cfg), 0, cfg.num_clients, 1, torch.device("cpu"))
+    marks.append(("one local epoch", time.perf_counter()))
+print(json.dumps({"marks": marks, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _child(cfg: dict[str, Any], train: bool, cache_dir: Path | None) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    if cache_dir is not None:
+        env["FEDMERGENET_CACHE_DIR"] = str(cache_dir)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), "train" if train else "start"],
+                            capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, check=True)
+    total = time.perf_counter() - start
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    marks = data["marks"]
+    steps = {name: t - previous for (name, t), (_, previous) in zip(marks[1:], marks)}
+    # The interpreter's own start (and exit) is what the parent saw beyond the child's marks.
+    steps = {"interpreter": total - (marks[-1][1] - marks[0][1]), **steps}
+    return {"steps": steps, "total_s": total, "peak_rss_bytes": data["peak_rss_bytes"]}
+
+
+def client_startup(settings: Settings) -> dict[str, Any]:
+    """Median seconds per step with the split cached (every message after the first), the same
+    with an empty cache (what every message paid before the cache), and one client's peak memory."""
+    cfg = {"dataset": "fashion-mnist", "train_limit": 96 if settings.tiny else 1200, "num_clients": 3,
+           "batch_size": 32, "lr": 0.03, "client_threads": settings.threads}
+    with tempfile.TemporaryDirectory(dir=settings.work_dir) as empty:
+        # Each with an empty cache; the first also warms the page cache and the real split cache.
+        cold = [_child(cfg, train=False, cache_dir=Path(empty) / str(i)) for i in range(settings.repeats)]
+    if not settings.tiny:
+        _child(cfg, train=False, cache_dir=None)  # the project's split cache is surely warm now
+    trained = _child(cfg, train=True, cache_dir=None)
+    # Every start-up before the epoch is a sample too; tiny settings take only that one.
+    warm = [trained] + [_child(cfg, train=False, cache_dir=None) for _ in range(settings.repeats - 1)]
+    steps = [name for name in trained["steps"] if name != "one local epoch"]
+    return {
+        "steps_s": {name: median([run["steps"][name] for run in warm]) for name in steps},
+        "total_s": median([sum(run["steps"][name] for name in steps) for run in warm]),
+        "uncached_split_s": median([run["steps"]["data split and loaders"] for run in cold]),
+        "uncached_total_s": median([run["total_s"] for run in cold]),
+        "epoch_s": trained["steps"]["one local epoch"],
+        "client_peak_rss_bytes": trained["peak_rss_bytes"],
+    }

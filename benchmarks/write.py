@@ -1,0 +1,272 @@
+"""BENCHMARKS.md from the measured data (benchmarks.json): every figure with its target,
+marked met or missed, and for a miss why and what it would take."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def _mark(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+def header(data: dict[str, Any]) -> list[str]:
+    m = data["machine"]
+    return [
+        "# Benchmarks",
+        "",
+        f"Measured {data['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']:.0f} GiB, "
+        f"{'GPU: ' + m['gpu'] if m['gpu'] else 'no GPU'}); Python {m['python']}, torch {m['torch']}, "
+        f"flwr {m['flwr']}.",
+        f"Command: `{data['command']}` ({data['seconds']:.0f} s). Each in-process figure is the median of "
+        f"{data['settings']['repeats']} timed repeats after an untimed warm-up, measured against its plain "
+        f"reference in the same process; the Flower figures come from real simulation runs. Raw data: "
+        f"`{data['json_path']}`.",
+        "",
+        "| figure | measured | target | |",
+        "|---|---|---|---|",
+    ]
+
+
+def summary_rows(data: dict[str, Any]) -> list[str]:
+    t, f, r, w = data["throughput"], data["fusion"], data["runtime"], data["wire"]
+    wire_ratio = w["trained"]["ratio"]
+    rows = [
+        f"| 1a client training throughput vs plain loop (CPU) | {t['ratio']:.3f} | >= 0.95 | {_mark(t['ratio'] >= 0.95)} |",
+    ]
+    if "ratio_without_fast_path" in t:
+        rows.append(f"| 1a the same before the fast path | {t['ratio_without_fast_path']:.3f} | >= 0.95 | "
+                    f"{_mark(t['ratio_without_fast_path'] >= 0.95)} |")
+    return rows + [
+        f"| 1b server aggregation + fusion + adapter update, share of a round (quick, CPU) | "
+        f"{100 * r['server_share_max']:.1f} % (worst round) | <= 5 % | {_mark(r['server_share_max'] <= 0.05)} |",
+        f"| 1b fusion step vs adapter's bare forward + backward | {f['ratio']:.2f}x | <= 1.3x | {_mark(f['ratio'] <= 1.3)} |",
+        f"| 1c simulation run vs the same training in one process | {r['runtime_ratio']:.2f}x | <= 1.15x | "
+        f"{_mark(r['runtime_ratio'] <= 1.15)} |",
+        f"| 1d bytes on the wire vs raw float32 state | {wire_ratio:.4f}x | <= 1.05x | {_mark(wire_ratio <= 1.05)} |",
+        "| 1a/1b on CUDA, mixed precision | pending | | no GPU was lent to the task that measured this |",
+        "",
+    ]
+
+
+def throughput_section(data: dict[str, Any]) -> list[str]:
+    t = data["throughput"]
+    ips = t["images_per_s"]
+    return [
+        "## 1a Client training throughput",
+        "",
+        f"The ClientApp's `local_train` (our loop with its progress bar and schedule, the seeded loader) "
+        f"against a plain loop (model, SGD, the same batches from the same loader) on one partition of "
+        f"{t['images_per_epoch']} Fashion-MNIST images, batch {t['batch_size']}, "
+        f"{data['settings']['threads']} CPU threads:",
+        "",
+        "| loop | images/s | vs plain |",
+        "|---|---|---|",
+        f"| plain PyTorch | {ips['plain']:.1f} | 1.00 |",
+        f"| plain PyTorch, channels_last | {ips['plain_channels_last']:.1f} | {ips['plain_channels_last'] / ips['plain']:.2f} |",
+        f"| ours before the fast path (default layout) | {ips['ours_without_fast_path']:.1f} | {t['ratio_without_fast_path']:.3f} |",
+        f"| **ours** (channels_last on CPU) | **{ips['ours']:.1f}** | **{t['ratio']:.3f}** |",
+        "",
+        "Fast path kept: training in channels_last on the CPU (the weights go back to the ordinary layout "
+        "after each epoch, so what travels and what is saved is unchanged). Against a plain loop that also "
+        f"uses channels_last, ours is at {t['ratio_same_layout']:.3f}: that is the cost of our loop itself "
+        "(loader set-up, schedule, loss bookkeeping). The same change made ResNet50 teacher training "
+        "~1.17x faster (9.3 to 10.9 images/s, batch 32, measured once by hand).",
+        "",
+    ]
+
+
+def server_section(data: dict[str, Any]) -> list[str]:
+    f, r = data["fusion"], data["runtime"]
+    lines = [
+        "## 1b Server overhead per round",
+        "",
+        f"From the quick preset's simulation run ({r['config']['clients']} clients, {r['config']['rounds']} rounds, "
+        f"{r['config']['train_limit']} training images; random teacher: fusion costs the same). `aggregate_ms` "
+        "is FedAvg's average (with reply screening), `fusion_ms` the adapter update and the fusion, both from "
+        "`metrics.jsonl`; the round's wall time is the ServerApp's clock between rounds.",
+        "",
+        "| round | wall (s) | aggregate (ms) | fusion + update (ms) | fused / learned | server eval (ms) | share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rounds"]:
+        lines.append(f"| {row['round']} | {row['wall_s']:.1f} | {row['aggregate_ms']:.0f} | {row['fusion_ms']:.0f} | "
+                     f"{row['fusion_applied']} / {row['learned']} | {row['server_eval_ms']:.0f} | {100 * row['share']:.1f} % |")
+    ok = r["server_share_max"] <= 0.05
+    lines += [
+        "",
+        f"Worst round: **{100 * r['server_share_max']:.1f} %**, over the run {100 * r['server_share_mean']:.1f} %. "
+        + ("" if ok else
+           f"Missed: a quick-preset round trains only {r['images_per_round']:,} images in all, while the adapter "
+           "(37M parameters: a forward to fuse, a backward and an AdamW step to learn) costs the same whatever "
+           f"the round's size, and is already at {f['ratio']:.2f}x its bare forward + backward (below). "
+           "A paper-preset round trains 5 epochs over CIFAR-100's 50,000 images, "
+           f"{250_000 / r['images_per_round']:.0f}x as many, with a 37.6M adapter of the same cost: by that "
+           f"proportion about {100 * r['server_share_max'] * r['images_per_round'] / 250_000:.2f} % (an estimate, "
+           "not a measurement). On a GPU the fusion runs there (`--server-device auto`)."),
+        "",
+        f"Fusion step against the adapter's bare forward + backward on the same inputs "
+        f"({f['adapter_parameters'] / 1e6:.1f}M parameters, 160x960 vs 10x2048):",
+        "",
+        "| | ms |",
+        "|---|---|",
+        f"| bare forward | {f['bare_forward_ms']:.0f} |",
+        f"| bare backward | {f['bare_backward_ms']:.0f} |",
+        f"| our fuse | {f['fuse_ms']:.0f} |",
+        f"| our learn (backward, clipping, AdamW step, schedule) | {f['learn_ms']:.0f} |",
+        "",
+        f"Ratio: **{f['ratio']:.2f}x**.",
+        "",
+        f"Checkpoint for resuming, written every round: {_mib(data['checkpoint']['bytes'])} in "
+        f"{data['checkpoint']['write_ms']:.0f} ms (the adapter and its AdamW moments are most of it).",
+        "",
+    ]
+    return lines
+
+
+def runtime_section(data: dict[str, Any]) -> list[str]:
+    r, w = data["runtime"], data["wire"]
+    ok = r["runtime_ratio"] <= 1.15
+    lines = [
+        "## 1c Flower runtime overhead",
+        "",
+        f"The same simulation run, one Ray actor with all {r['config']['threads']} threads (so clients train "
+        "one after another, like the reference), against every client's local training of every round done "
+        "one after another in this process with the same threads.",
+        "",
+        "| | s |",
+        "|---|---|",
+        f"| simulation run, end to end (`run_simulation`) | {r['flower_run_s']:.1f} |",
+        f"| of which before the ServerApp's first round and after its last (SuperLink, `flwr run`, Ray, app start) | {r['startup_s']:.1f} |",
+        f"| reference: the same local training in one process | {r['reference_s']:.1f} |",
+        "",
+        f"Ratio: **{r['runtime_ratio']:.2f}x**; without our app's own server work (test-set evaluation, "
+        f"aggregation, fusion): {r['runtime_ratio_without_app_work']:.2f}x. Once started, a round (from round 2, "
+        f"without that server work) takes {r['steady_round_ratio']:.2f}x one round of the reference's training. "
+        + ("" if ok else
+           "Missed: the runtime has a fixed start-up (SuperLink, `flwr run` packaging the app, Ray, the "
+           "ServerApp and ClientApp processes importing torch) that a run of a few minutes cannot amortise. "
+           "It is paid once per run, so for the paper preset (50 rounds of 5 epochs) it is well under 1 %; "
+           "what would take it below 1.15x here is a longer run, not a change to the code. The steady rounds' "
+           "own excess includes our resumable checkpoint (section 1b), written every round, and each message's "
+           "model load in the actor."),
+        "",
+        "## 1d Bytes on the wire",
+        "",
+        "Flower sends an ArrayRecord as content-addressed objects (one per array, chunked at 5 MiB). "
+        "Measured with Flower's own serialisation of the student's state:",
+        "",
+        "| student state | on the wire | raw float32 | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name in ("initial", "trained"):
+        x = w[name]
+        lines.append(f"| {name} | {x['wire_bytes']:,} B | {x['raw_float32_bytes']:,} B | {x['ratio']:.4f} |")
+    per_client = r["bytes_per_client_round"]
+    lines += [
+        "",
+        "The fresh student's identical tensors (zero biases, unit variances) travel once, hence a ratio below 1. "
+        f"Per client per round the run's metrics count {per_client[0] / MiB:.2f} MiB (model down + update up, "
+        "raw tensor bytes); no compression is applied.",
+        "",
+    ]
+    return lines
+
+
+def memory_section(data: dict[str, Any]) -> list[str]:
+    mem, s = data["runtime"]["memory"], data["startup"]
+    lines = [
+        "## 1e Peak memory",
+        "",
+        "| process | peak RSS |",
+        "|---|---|",
+    ]
+    for role, peak in sorted(mem["peak_rss_bytes"].items()):
+        lines.append(f"| {role} (simulation run) | {_mib(peak)} |")
+    lines += [
+        f"| one deployment client process (start-up + one local epoch) | {_mib(s['client_peak_rss_bytes'])} |",
+        "",
+        f"The whole simulation run added {_mib(mem['machine_extra_bytes'])} to the machine's used memory at its peak.",
+        "",
+    ]
+    return lines
+
+
+def startup_section(data: dict[str, Any]) -> list[str]:
+    s = data["startup"]
+    lines = [
+        "## 1f Deployment: a client's start-up per message",
+        "",
+        "Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process for every message (train and "
+        "evaluate), and has no option to keep one alive. Replaying its steps in a fresh interpreter:",
+        "",
+        "| step | s |",
+        "|---|---|",
+    ]
+    for name, seconds in s["steps_s"].items():
+        lines.append(f"| {name} | {seconds:.2f} |")
+    lines += [
+        f"| **total before training** | **{s['total_s']:.2f}** |",
+        "",
+        f"Cut: the data split is cached on disk (`.cache/partitions`, keyed by the labels and the split "
+        f"settings). Without it each message recomputed the split through Hugging Face datasets: "
+        f"{s['uncached_split_s']:.2f} s instead of {s['steps_s']['data split and loaders']:.2f} s "
+        f"(total {s['uncached_total_s']:.2f} s before, {s['total_s']:.2f} s after). Clients sharing a "
+        "machine get `--threads` (the runner's deployment mode sets cores/clients): two 2-thread clients on "
+        "2 cores took 28 s for a 48-image epoch that took 1.5 s with one thread each. What is left is "
+        f"importing torch, Flower and torchvision; one local epoch of the quick preset takes {s['epoch_s']:.1f} s "
+        "after it.",
+        "",
+    ]
+    return lines
+
+
+def scale_section(data: dict[str, Any]) -> list[str]:
+    points = data["scale"]
+    lines = [
+        "## 3 Scale: clients per round",
+        "",
+        f"{points[0]['clients']} clients in the simulation engine (24 images each, IID), two rounds, one CPU per "
+        "client as the runner uses (so as many Ray actors as cores); round 2 is the steady state and includes "
+        "one fusion.",
+        "",
+        "| clients per round | round 2 (s) | round 1 (s) | replies | fusion (ms) | Ray actors | peak actor RSS | machine memory added |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        mem = p["memory"]
+        lines.append(f"| {p['per_round']} | {p['round_s']:.1f} | {p['first_round_s']:.1f} | {p['replies']} | "
+                     f"{p['fusion_ms']:.0f} | {mem['client_actors']} | "
+                     f"{_mib(mem['peak_rss_bytes'].get('client_actor', 0))} | {_mib(mem['machine_extra_bytes'])} |")
+    lines += [
+        "",
+        "Memory is bounded by the actors, not by the number of clients: each actor serves clients one after "
+        "another and loads the dataset once (the partition of each client is picked lazily per message).",
+        "",
+    ]
+    return lines
+
+
+def pending_section() -> list[str]:
+    return [
+        "## 4 CUDA",
+        "",
+        "Pending: no GPU machine was lent to the task that wrote this file. On a machine with CUDA the same "
+        "command measures 1a and the fusion step on the GPU as well (`--device cuda` figures are added to "
+        "`benchmarks.json`). Mixed precision, channels_last, cudnn benchmark and loader workers are kept out "
+        "of the training loop until those numbers show they help.",
+        "",
+    ]
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = header(data) + summary_rows(data) + throughput_section(data) + server_section(data)
+    lines += runtime_section(data) + memory_section(data) + startup_section(data) + scale_section(data)
+    lines += pending_section()
+    return "\n".join(lines)
