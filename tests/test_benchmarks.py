@@ -30,7 +30,7 @@ def test_the_benchmark_command_measures_and_writes_every_figure(tmp_path: Path) 
                     "1d Bytes on the wire", "1e Peak memory", "1f Deployment", "3 Scale", "4 CUDA"):
         assert f"## {section}" in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data["throughput"]["ours_images_per_s"] > 0 and data["throughput"]["plain_images_per_s"] > 0
+    assert data["throughput"]["images_per_s"]["ours"] > 0 and data["throughput"]["images_per_s"]["plain"] > 0
     assert [r["fusion_applied"] for r in data["runtime"]["rounds"]] == [0, 1]  # the real fusion was timed
     assert data["runtime"]["memory"]["peak_rss_bytes"]["server"] > 0
     assert data["startup"]["steps_s"]["torch"] > 0

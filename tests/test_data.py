@@ -338,3 +338,21 @@ def test_client_partitions_are_computed_once_and_then_read_from_the_cache(
     for damaged in (tmp_path / "cache" / "partitions").glob("*.npz"):
         damaged.write_bytes(b"not an npz")
     assert all(np.array_equal(a, b) for a, b in zip(first, task.client_partitions(cfg)))  # recomputed
+
+
+def test_augmentation_crops_flips_and_rotates_a_little_and_repeats_by_seed() -> None:
+    from fedmergenet.data.datasets import augment
+
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    outputs = [augment(image, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.uint8 for o in outputs)
+    assert all(set(o.unique().tolist()) <= {0, 200} for o in outputs)  # nearest: no new values, zero fill
+    assert all((o[:, 12:20, 12:20] == 200).all() for o in outputs)  # at most 4 px and 15 degrees away
+    zeros = [float((o == 0).float().mean()) for o in outputs]  # the padding and the rotated-in corners
+    assert max(zeros) > 0 and sum(zeros) / len(zeros) < 0.25
+    assert torch.equal(augment(image, torch.Generator().manual_seed(3)), outputs[3])
+    # A rotation, not only shifts: a vertical bar comes out tilted for some seed.
+    bar = torch.zeros((3, 32, 32), dtype=torch.uint8)
+    bar[:, :, 15:17] = 255
+    tilted = [augment(bar, torch.Generator().manual_seed(seed)) for seed in range(20)]
+    assert any(len({int(row.nonzero()[0]) for row in t[0, 4:28] if row.any()}) > 3 for t in tilted)

@@ -9,6 +9,7 @@ of the whole archive, which would refuse the tiny files the tests write.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fedmergenet.errors import ConfigError, DatasetError
@@ -258,6 +259,27 @@ def _grey28_to_rgb32(images: np.ndarray) -> np.ndarray:
 # --- Loading batches ------------------------------------------------------------
 
 
+def augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation of the original MergeNet CIFAR-100 training script, RandomCrop(32,
+    padding=4), RandomHorizontalFlip and RandomRotation(15) (nearest, zero fill), on a uint8
+    [3, 32, 32] image, drawn from ``generator``.
+
+    Written in torch instead of torchvision.transforms: importing torchvision cost 2.4 s in
+    every deployment ClientApp process, a third of its start-up (BENCHMARKS.md, 1f)."""
+    height, width = image.shape[-2:]
+    padded = F.pad(image, (4, 4, 4, 4))
+    top, left = torch.randint(0, 9, (2,), generator=generator).tolist()
+    image = padded[:, top:top + height, left:left + width]
+    if torch.rand((), generator=generator) < 0.5:
+        image = image.flip(-1)
+    angle = math.radians(float(torch.empty(()).uniform_(-15.0, 15.0, generator=generator)))
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
+    grid = F.affine_grid(theta, [1, image.shape[0], height, width], align_corners=False)
+    rotated = F.grid_sample(image[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return rotated[0].to(torch.uint8)
+
+
 class TensorImageDataset(Dataset):
     """Normalised float samples of an ImageDataset at `indices`, augmented when `train`.
 
@@ -269,10 +291,8 @@ class TensorImageDataset(Dataset):
         self.ds = ds
         self.indices = _as_index_array(indices, len(ds))
         self.train = train
-        normalise = [T.ToDtype(torch.float32, scale=True), T.Normalize(list(ds.mean), list(ds.std))]
-        # The augmentation of the original MergeNet CIFAR-100 training script.
-        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15)]
-        self.transform = T.Compose((augment if train else []) + normalise)
+        self.mean = torch.tensor(ds.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(ds.std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -281,15 +301,12 @@ class TensorImageDataset(Dataset):
         position, seed = key if isinstance(key, tuple) else (key, None)
         index = int(self.indices[position])
         image = self.ds.images[index]
-        if seed is None or not self.train:
-            sample = self.transform(image)
-        else:
-            # v2 transforms draw from the global CPU RNG; fork it so that seeding here
-            # neither depends on nor disturbs the caller's random state.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                sample = self.transform(image)
-        return sample, int(self.ds.labels[index])
+        if self.train:
+            # A seed per sample: repeatable whatever the order or the workers, and the
+            # global RNG is neither read nor disturbed.
+            generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+            image = augment(image, generator)
+        return (image.float() / 255 - self.mean) / self.std, int(self.ds.labels[index])
 
 
 class _SeededShuffleSampler(Sampler):
