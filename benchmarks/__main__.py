@@ -52,6 +52,10 @@ def measure(settings) -> dict[str, Any]:
         ("runtime", lambda: runs.server_and_runtime(settings)),
         ("scale", lambda: runs.scale(settings)),
     ]
+    if torch.cuda.is_available():  # 4: the same figures on the GPU
+        cuda = torch.device("cuda")
+        steps += [("cuda_throughput", lambda: m.client_throughput(settings, cuda)),
+                  ("cuda_fusion", lambda: m.fusion_step(settings, device="cuda"))]
     data: dict[str, Any] = {}
     for name, step in tqdm(steps, desc="benchmarks", unit="figure"):
         data[name] = step()

@@ -39,6 +39,8 @@ def median(values: list[float]) -> float:
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time it to its end
     return time.perf_counter() - start
 
 
@@ -48,13 +50,15 @@ def throughput_config(settings: Settings) -> RunConfig:
                      num_clients=1, batch_size=32, lr=0.03, local_epochs=1, device="cpu")
 
 
-def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False) -> int:
+def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False,
+                device: torch.device = torch.device("cpu")) -> int:
     """The reference: model, SGD, the same batches, nothing else."""
     optimizer = make_optimizer(model, lr)
     criterion = nn.CrossEntropyLoss()
     model.train()
     seen = 0
     for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad()
@@ -64,18 +68,18 @@ def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False
     return seen
 
 
-def client_throughput(settings: Settings) -> dict[str, Any]:
+def client_throughput(settings: Settings, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """1a: the ClientApp's local training (our loop, loader, schedule) against the plain loop,
     on the same device, threads and batches (same partition and round seed). Ours runs with
     its fast path (channels_last on CPU) and without it (the layout the plain loop uses)."""
     cfg = throughput_config(settings)
-    device = torch.device("cpu")
     start_state = initial_student(cfg).state_dict()
     images = client_data(cfg, 0, 1).num_train
 
     def fresh(channels_last: bool = False) -> nn.Module:
         model = initial_student(cfg)
         model.load_state_dict(start_state)
+        model.to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     def ours(round_seed: int, memory_format: torch.memory_format | None = None) -> float:
@@ -85,7 +89,7 @@ def client_throughput(settings: Settings) -> dict[str, Any]:
     def plain(round_seed: int, channels_last: bool = False) -> float:
         loader = client_data(cfg, 0, 1, round_seed=round_seed).train
         model = fresh(channels_last)
-        return timed(lambda: plain_epoch(model, loader, cfg.lr, channels_last))
+        return timed(lambda: plain_epoch(model, loader, cfg.lr, channels_last, device))
 
     variants = {
         "ours": lambda seed: ours(seed),
@@ -103,6 +107,7 @@ def client_throughput(settings: Settings) -> dict[str, Any]:
             seconds[name].append(variants[name](r + 2))
     per_s = {name: images / median(values) for name, values in seconds.items()}
     return {
+        "device": str(device),
         "images_per_epoch": images,
         "batch_size": cfg.batch_size,
         "images_per_s": per_s,
@@ -112,7 +117,7 @@ def client_throughput(settings: Settings) -> dict[str, Any]:
     }
 
 
-def fusion_step(settings: Settings, num_classes: int = 10) -> dict[str, Any]:
+def fusion_step(settings: Settings, num_classes: int = 10, device: str = "cpu") -> dict[str, Any]:
     """1b: one server fusion step (fuse, then learn from the observed layer) against the
     adapter's bare forward + backward on the same inputs."""
     from fedmergenet.fusion import KnowledgeFusionUnit
@@ -121,8 +126,8 @@ def fusion_step(settings: Settings, num_classes: int = 10) -> dict[str, Any]:
     teacher = torch.randn(num_classes, 2048, generator=generator) * 0.02
     layer = torch.randn(160, 960, 1, 1, generator=generator) * 0.05
     observed = layer + 0.01 * torch.randn(layer.shape, generator=generator)
-    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), AdapterConfig(), total_updates=100, device="cpu", seed=0)
-    adapter, student, teacher_m = unit.adapter, layer.reshape(160, 960), unit.teacher
+    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), AdapterConfig(), total_updates=100, device=device, seed=0)
+    adapter, student, teacher_m = unit.adapter, layer.reshape(160, 960).to(unit.device), unit.teacher
     params = [p for p in adapter.parameters() if p.requires_grad]
 
     def ours() -> tuple[float, float]:
@@ -152,6 +157,7 @@ def fusion_step(settings: Settings, num_classes: int = 10) -> dict[str, Any]:
         "step_ms": 1000 * ours_total,
         "ratio": ours_total / bare_total,
         "adapter_parameters": unit.num_parameters,
+        "device": str(unit.device),
     }
 
 

@@ -67,7 +67,7 @@ def client_startup(settings: Settings) -> dict[str, Any]:
     """Median seconds per step as a message pays them now (split cached, no torchvision), the
     same before those cuts (empty cache, torchvision imported), and one client's peak memory."""
     cfg = {"dataset": "fashion-mnist", "train_limit": 96 if settings.tiny else 1200, "num_clients": 3,
-           "batch_size": 32, "lr": 0.03, "client_threads": settings.threads}
+           "batch_size": 32, "lr": 0.03, "local_epochs": 1, "client_threads": settings.threads}
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as empty:
         # Before the cuts: no split cache, torchvision imported. The first run also warms the page cache.
         cold = [_child(cfg, train=False, cache_dir=Path(empty) / str(i), torchvision=True)

@@ -138,7 +138,8 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
     client = ["federated_mergenet_client.py", "--num_clients", "3", "--server_address", f"127.0.0.1:{port}",
               "--max-wait-time", "10", "--threads", "1"]
     tls = ["--root-certificates", str(certs / "ca.crt")]
-    nodes = []
+    nodes: list[subprocess.Popen] = []
+    strangers: list[subprocess.Popen] = []
     try:
         for line in server.stdout:  # the server says when the SuperLink is up and the keys are registered
             if "waiting for" in line:
@@ -146,6 +147,7 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
                 break
         plaintext = _script(*client, "--client_id", "2", "--insecure")
         unknown = _script(*client, "--client_id", "2", *tls, "--auth-supernode-private-key", str(stranger / "client_0"))
+        strangers = [plaintext, unknown]
         nodes = [_script(*client, "--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}"))
                  for i in range(3)]
         deadline = time.monotonic() + 300
@@ -171,7 +173,7 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
         assert (ROOT / "logs" / "federated_mergenet_server.log").is_file()
         assert (ROOT / "logs" / "federated_mergenet_client_0.log").is_file()
     finally:
-        for process in [server, *nodes]:
+        for process in [server, *nodes, *strangers]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
