@@ -16,6 +16,15 @@ def _mib(n: float) -> str:
     return f"{n / MiB:,.0f} MiB"
 
 
+def _row(cells: list[Any]) -> str:
+    return "|" + "|".join(f" {cell} " if cell != "" else " " for cell in cells) + "|"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table: the header, its rule, a line per row."""
+    return [_row(header), "|" + "---|" * len(header)] + [_row(row) for row in rows]
+
+
 def header(data: dict[str, Any]) -> list[str]:
     m = data["machine"]
     return [
@@ -29,8 +38,7 @@ def header(data: dict[str, Any]) -> list[str]:
         f"reference in the same process; the Flower figures come from real simulation runs. Raw data: "
         f"`{data['json_path']}`.",
         "",
-        "| figure | measured | target | |",
-        "|---|---|---|---|",
+        *_table(["figure", "measured", "target", ""], []),
     ]
 
 
@@ -67,12 +75,14 @@ def throughput_section(data: dict[str, Any]) -> list[str]:
         f"{t['images_per_epoch']} Fashion-MNIST images, batch {t['batch_size']}, "
         f"{data['settings']['threads']} CPU threads:",
         "",
-        "| loop | images/s | vs plain |",
-        "|---|---|---|",
-        f"| plain PyTorch | {ips['plain']:.1f} | 1.00 |",
-        f"| plain PyTorch, channels_last | {ips['plain_channels_last']:.1f} | {ips['plain_channels_last'] / ips['plain']:.2f} |",
-        f"| ours before the fast path (default layout) | {ips['ours_without_fast_path']:.1f} | {t['ratio_without_fast_path']:.3f} |",
-        f"| **ours** (channels_last on CPU) | **{ips['ours']:.1f}** | **{t['ratio']:.3f}** |",
+        *_table(["loop", "images/s", "vs plain"], [
+            ["plain PyTorch", f"{ips['plain']:.1f}", "1.00"],
+            ["plain PyTorch, channels_last", f"{ips['plain_channels_last']:.1f}",
+             f"{ips['plain_channels_last'] / ips['plain']:.2f}"],
+            ["ours before the fast path (default layout)", f"{ips['ours_without_fast_path']:.1f}",
+             f"{t['ratio_without_fast_path']:.3f}"],
+            ["**ours** (channels_last on CPU)", f"**{ips['ours']:.1f}**", f"**{t['ratio']:.3f}**"],
+        ]),
         "",
         "Fast path kept: training in channels_last on the CPU (the weights go back to the ordinary layout "
         "after each epoch, so what travels and what is saved is unchanged). Against a plain loop that also "
@@ -93,12 +103,12 @@ def server_section(data: dict[str, Any]) -> list[str]:
         "is FedAvg's average (with reply screening), `fusion_ms` the adapter update and the fusion, both from "
         "`metrics.jsonl`; the round's wall time is the ServerApp's clock between rounds.",
         "",
-        "| round | wall (s) | aggregate (ms) | fusion + update (ms) | fused / learned | server eval (ms) | share |",
-        "|---|---|---|---|---|---|---|",
+        *_table(["round", "wall (s)", "aggregate (ms)", "fusion + update (ms)", "fused / learned", "server eval (ms)",
+                 "share"],
+                [[row["round"], f"{row['wall_s']:.1f}", f"{row['aggregate_ms']:.0f}", f"{row['fusion_ms']:.0f}",
+                  f"{row['fusion_applied']} / {row['learned']}", f"{row['server_eval_ms']:.0f}",
+                  f"{100 * row['share']:.1f} %"] for row in r["rounds"]]),
     ]
-    for row in r["rounds"]:
-        lines.append(f"| {row['round']} | {row['wall_s']:.1f} | {row['aggregate_ms']:.0f} | {row['fusion_ms']:.0f} | "
-                     f"{row['fusion_applied']} / {row['learned']} | {row['server_eval_ms']:.0f} | {100 * row['share']:.1f} % |")
     ok = r["server_share_max"] <= 0.05
     lines += [
         "",
@@ -115,12 +125,12 @@ def server_section(data: dict[str, Any]) -> list[str]:
         f"Fusion step against the adapter's bare forward + backward on the same inputs "
         f"({f['adapter_parameters'] / 1e6:.1f}M parameters, 160x960 vs 10x2048):",
         "",
-        "| | ms |",
-        "|---|---|",
-        f"| bare forward | {f['bare_forward_ms']:.0f} |",
-        f"| bare backward | {f['bare_backward_ms']:.0f} |",
-        f"| our fuse | {f['fuse_ms']:.0f} |",
-        f"| our learn (backward, clipping, AdamW step, schedule) | {f['learn_ms']:.0f} |",
+        *_table(["", "ms"], [
+            ["bare forward", f"{f['bare_forward_ms']:.0f}"],
+            ["bare backward", f"{f['bare_backward_ms']:.0f}"],
+            ["our fuse", f"{f['fuse_ms']:.0f}"],
+            ["our learn (backward, clipping, AdamW step, schedule)", f"{f['learn_ms']:.0f}"],
+        ]),
         "",
         f"Ratio: **{f['ratio']:.2f}x**.",
         "",
@@ -141,11 +151,12 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
         "one after another, like the reference), against every client's local training of every round done "
         "one after another in this process with the same threads.",
         "",
-        "| | s |",
-        "|---|---|",
-        f"| simulation run, end to end (`run_simulation`) | {r['flower_run_s']:.1f} |",
-        f"| of which before the ServerApp's first round and after its last (SuperLink, `flwr run`, Ray, app start) | {r['startup_s']:.1f} |",
-        f"| reference: the same local training in one process | {r['reference_s']:.1f} |",
+        *_table(["", "s"], [
+            ["simulation run, end to end (`run_simulation`)", f"{r['flower_run_s']:.1f}"],
+            ["of which before the ServerApp's first round and after its last (SuperLink, `flwr run`, Ray, app start)",
+             f"{r['startup_s']:.1f}"],
+            ["reference: the same local training in one process", f"{r['reference_s']:.1f}"],
+        ]),
         "",
         f"Ratio: **{r['runtime_ratio']:.2f}x**; without our app's own server work (test-set evaluation, "
         f"aggregation, fusion): {r['runtime_ratio_without_app_work']:.2f}x. Once started, a round (from round 2, "
@@ -163,12 +174,10 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
         "Flower sends an ArrayRecord as content-addressed objects (one per array, chunked at 5 MiB). "
         "Measured with Flower's own serialisation of the student's state:",
         "",
-        "| student state | on the wire | raw float32 | ratio |",
-        "|---|---|---|---|",
+        *_table(["student state", "on the wire", "raw float32", "ratio"],
+                [[name, f"{w[name]['wire_bytes']:,} B", f"{w[name]['raw_float32_bytes']:,} B", f"{w[name]['ratio']:.4f}"]
+                 for name in ("initial", "trained")]),
     ]
-    for name in ("initial", "trained"):
-        x = w[name]
-        lines.append(f"| {name} | {x['wire_bytes']:,} B | {x['raw_float32_bytes']:,} B | {x['ratio']:.4f} |")
     per_client = r["bytes_per_client_round"]
     lines += [
         "",
@@ -182,38 +191,29 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
 
 def memory_section(data: dict[str, Any]) -> list[str]:
     mem, s = data["runtime"]["memory"], data["startup"]
-    lines = [
+    rows = [[f"{role} (simulation run)", _mib(peak)] for role, peak in sorted(mem["peak_rss_bytes"].items())]
+    rows.append(["one deployment client process (start-up + one local epoch)", _mib(s["client_peak_rss_bytes"])])
+    return [
         "## 1e Peak memory",
         "",
-        "| process | peak RSS |",
-        "|---|---|",
-    ]
-    for role, peak in sorted(mem["peak_rss_bytes"].items()):
-        lines.append(f"| {role} (simulation run) | {_mib(peak)} |")
-    lines += [
-        f"| one deployment client process (start-up + one local epoch) | {_mib(s['client_peak_rss_bytes'])} |",
+        *_table(["process", "peak RSS"], rows),
         "",
         f"The whole simulation run added {_mib(mem['machine_extra_bytes'])} to the machine's used memory at its peak.",
         "",
     ]
-    return lines
 
 
 def startup_section(data: dict[str, Any]) -> list[str]:
     s = data["startup"]
-    lines = [
+    rows = [[name, f"{seconds:.2f}"] for name, seconds in s["steps_s"].items()]
+    rows.append(["**total before training**", f"**{s['total_s']:.2f}**"])
+    return [
         "## 1f Deployment: a client's start-up per message",
         "",
         "Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process for every message (train and "
         "evaluate), and has no option to keep one alive. Replaying its steps in a fresh interpreter:",
         "",
-        "| step | s |",
-        "|---|---|",
-    ]
-    for name, seconds in s["steps_s"].items():
-        lines.append(f"| {name} | {seconds:.2f} |")
-    lines += [
-        f"| **total before training** | **{s['total_s']:.2f}** |",
+        *_table(["step", "s"], rows),
         "",
         f"Cuts, before -> after: the data split is cached on disk (`.cache/partitions`, keyed by the labels "
         f"and the split settings) instead of recomputed through Hugging Face datasets in every message "
@@ -228,33 +228,27 @@ def startup_section(data: dict[str, Any]) -> list[str]:
         f"(first iterations included, as every deployment message pays them; compare 1a's warmed-up loop).",
         "",
     ]
-    return lines
 
 
 def scale_section(data: dict[str, Any]) -> list[str]:
     points = data["scale"]
-    lines = [
+    rows = [[p["per_round"], f"{p['round_s']:.1f}", f"{p['first_round_s']:.1f}", p["replies"], f"{p['fusion_ms']:.0f}",
+             p["memory"]["client_actors"], _mib(p["memory"]["peak_rss_bytes"].get("client_actor", 0)),
+             _mib(p["memory"]["machine_extra_bytes"])] for p in points]
+    return [
         "## 3 Scale: clients per round",
         "",
         f"{points[0]['clients']} clients in the simulation engine (24 images each, IID), two rounds, one CPU per "
         "client as the runner uses (so as many Ray actors as cores); round 2 is the steady state and includes "
         "one fusion.",
         "",
-        "| clients per round | round 2 (s) | round 1 (s) | replies | fusion (ms) | Ray actors | peak actor RSS | machine memory added |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p in points:
-        mem = p["memory"]
-        lines.append(f"| {p['per_round']} | {p['round_s']:.1f} | {p['first_round_s']:.1f} | {p['replies']} | "
-                     f"{p['fusion_ms']:.0f} | {mem['client_actors']} | "
-                     f"{_mib(mem['peak_rss_bytes'].get('client_actor', 0))} | {_mib(mem['machine_extra_bytes'])} |")
-    lines += [
+        *_table(["clients per round", "round 2 (s)", "round 1 (s)", "replies", "fusion (ms)", "Ray actors",
+                 "peak actor RSS", "machine memory added"], rows),
         "",
         "Memory is bounded by the actors, not by the number of clients: each actor serves clients one after "
         "another and loads the dataset once (the partition of each client is picked lazily per message).",
         "",
     ]
-    return lines
 
 
 def cuda_section(data: dict[str, Any]) -> list[str]:
@@ -273,11 +267,12 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
     return lines + [
         f"On {data['machine']['gpu']}, fp32:",
         "",
-        "| | images/s | vs plain |",
-        "|---|---|---|",
-        f"| plain PyTorch | {ips['plain']:.0f} | 1.00 |",
-        f"| plain PyTorch, channels_last | {ips['plain_channels_last']:.0f} | {ips['plain_channels_last'] / ips['plain']:.2f} |",
-        f"| ours | {ips['ours']:.0f} | {t['ratio']:.3f} |",
+        *_table(["", "images/s", "vs plain"], [
+            ["plain PyTorch", f"{ips['plain']:.0f}", "1.00"],
+            ["plain PyTorch, channels_last", f"{ips['plain_channels_last']:.0f}",
+             f"{ips['plain_channels_last'] / ips['plain']:.2f}"],
+            ["ours", f"{ips['ours']:.0f}", f"{t['ratio']:.3f}"],
+        ]),
         "",
         f"Fusion step on the GPU: fuse {f['fuse_ms']:.0f} ms, learn {f['learn_ms']:.0f} ms; "
         f"{f['ratio']:.2f}x the adapter's bare forward + backward. Mixed precision is not implemented yet.",

@@ -87,7 +87,7 @@ def _node_public_keys(paths: Sequence[str]) -> list[Path]:
     return keys
 
 
-def _check_node_key(path: Path, private: bool) -> Path:
+def _check_node_key(path: Path, private: bool) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
@@ -101,7 +101,6 @@ def _check_node_key(path: Path, private: bool) -> Path:
         raise ConfigError(f"node {kind} key {path} is not an OpenSSH key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         raise ConfigError(f"node {kind} key {path} must be ECDSA (ssh-keygen -t ecdsa), as Flower requires")
-    return path
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -198,9 +197,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = _config(args)
     tls = _tls(args, server=True)
-    node_keys = _node_public_keys(args.auth_supernode_keys)
-    if node_keys and tls is None:
-        raise ConfigError("--auth-supernode-keys needs TLS: pass the certificate options instead of --insecure")
+    node_keys = _node_public_keys(args.auth_supernode_keys)  # serve() refuses them without TLS
     from .experiments.federated import serve
 
     out = serve(cfg, host=args.host, port=args.port, tls=tls, node_keys=node_keys)

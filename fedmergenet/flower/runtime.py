@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -186,6 +186,18 @@ def managed() -> Iterator[Processes]:
         processes.stop_all()
 
 
+def tee(lines: Iterable[str], log_file: TextIO, echo: bool) -> Iterator[str]:
+    """Pass a Flower process's output lines on, each first written to its log (and, with
+    ``echo``, to this terminal) at once, so both are current while the caller reads them."""
+    for line in lines:
+        log_file.write(line)
+        log_file.flush()
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        yield line
+
+
 def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_when: Sequence[str], joined: str,
            refused: str) -> int:
     """Run a Flower process in the foreground: its output to this terminal and ``log_path``;
@@ -198,11 +210,7 @@ def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_whe
         process = processes.start(command, None, env, pipe=True)
         assert process.stdout is not None
         with process.stdout:
-            for line in process.stdout:
-                log_file.write(line)
-                log_file.flush()
-                sys.stdout.write(line)
-                sys.stdout.flush()
+            for line in tee(process.stdout, log_file, echo=True):
                 was_joined = was_joined or joined in line
                 was_refused = was_refused or refused in line
                 if any(marker in line for marker in stop_when):
@@ -340,12 +348,7 @@ def _flwr_run(app_dir: Path, connection: str, run_config_file: Path, env: dict[s
         try:
             assert process.stdout is not None
             with process.stdout:
-                for line in process.stdout:
-                    log_file.write(line)
-                    log_file.flush()
-                    if echo:
-                        sys.stdout.write(line)
-                        sys.stdout.flush()
+                for line in tee(process.stdout, log_file, echo):
                     if run_id is None and "run" in line.lower():
                         run_id = _run_id_from(line) or run_id
             process.wait()
