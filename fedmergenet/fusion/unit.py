@@ -6,11 +6,17 @@ observed)`` is MergeNet's hypernetwork update: the adapter's output is pulled to
 training then took that layer (gradients with ``grad_outputs = fused - observed``).
 
 Scale safety: the adapter ends in a LayerNorm, so its raw output has unit-scale entries
-while the layer it replaces has entries around 0.05. MergeNet recovered from that by
-updating the adapter on every batch; federated training updates it once per round. The
-default ``gated`` mode therefore writes ``student + gate * std(student) * adapter(...)``
-with a zero-initialised learnable gate: the first fusion is the identity and the adapter's
-effect grows only as far as learning pulls it. ``replace`` is the original behaviour.
+while the layer it replaces has entries around 0.05. The default ``gated`` mode writes
+``student + gate * std(student) * adapter(...)`` with a zero-initialised learnable gate, so
+the first fusion is the identity and the adapter's effect grows only as far as learning
+pulls it; ``replace`` writes the adapter's output itself (the original MergeNet).
+
+Either way the fused layer is then rescaled to the Frobenius norm of the layer it came
+from. Without that, fusing every batch compounds: with |gate| near 1 each fusion grows the
+layer's scale by about sqrt(1 + gate^2), the BatchNorm behind the layer hides it, and the
+layer overflows after a few thousand fusions (README, "How fusion works here", has the measurement).
+With it the layer's scale moves only as training moves it. A fusion whose output is not
+finite is refused (``fuse`` returns None) and so is an update whose gradient is not.
 """
 
 from __future__ import annotations
@@ -70,12 +76,13 @@ class KnowledgeFusionUnit:
             self.adapter = ParamAttention(matrix_shape, tuple(self.teacher.shape), self.config.h, self.config.num_layers)
         self.adapter.to(self.device)
         self.gate = nn.Parameter(torch.zeros((), device=self.device))
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr)
         self.total_updates = max(1, int(total_updates))
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.updates = 0
         self._seeds = random.Random(seed)
         self._pending: _Pending | None = None
+        self.last_shift: float | None = None
 
     # --- public API ------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -86,19 +93,26 @@ class KnowledgeFusionUnit:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def fuse(self, student_layer: torch.Tensor) -> torch.Tensor:
-        """Return the fused layer (same shape, dtype and device as the input)."""
+    def fuse(self, student_layer: torch.Tensor) -> torch.Tensor | None:
+        """The fused layer (same shape, dtype and device as the input), or None when the
+        adapter's output is not finite: the caller keeps its layer and counts a skipped fusion."""
         if tuple(student_layer.shape) != self.student_shape:
             raise ValueError(f"student layer has shape {tuple(student_layer.shape)}, expected {self.student_shape}")
         # A copy: the caller may keep training the tensor it passed, which the graph must not see.
         student = as_matrix(student_layer).detach().to(self.device, torch.float32).clone()
         pending = _Pending(student=student, seed=self._seeds.randrange(2**31))
         pending.output = self._forward(pending)
+        if not torch.isfinite(pending.output).all():
+            self._pending = None
+            return None
         self._pending = pending
+        # How far this fusion moved the layer, relative to its norm: 0 is the identity.
+        self.last_shift = float((pending.output.detach() - student).norm() / student.norm().clamp_min(1e-12))
         return pending.output.detach().reshape(student_layer.shape).to(student_layer.device, student_layer.dtype)
 
-    def learn(self, fused_layer: torch.Tensor, observed_layer: torch.Tensor) -> float:
-        """One hypernetwork update toward ``observed_layer``; returns the mean squared gap.
+    def learn(self, fused_layer: torch.Tensor, observed_layer: torch.Tensor) -> float | None:
+        """One hypernetwork update toward ``observed_layer``; returns the mean squared gap, or
+        None when the update was refused (the observed layer or the gradient is not finite).
 
         ``fused_layer`` must be what the last ``fuse()`` returned: it is the output whose
         graph carries the gradient to the adapter.
@@ -109,19 +123,25 @@ class KnowledgeFusionUnit:
         output = pending.output if pending.output is not None else self._forward(pending, recompute=True)
         fused = as_matrix(fused_layer).to(self.device, torch.float32)
         if not torch.allclose(fused, output.detach(), rtol=1e-4, atol=1e-5):
-            raise ValueError("learn() got a fused layer that is not the output of the last fuse()")
+            gap = float((fused - output.detach()).abs().max())
+            raise ValueError(f"learn() got a fused layer that is not the output of the last fuse() "
+                             f"(largest difference {gap:.3g})")
+        self._pending = None
         observed = as_matrix(observed_layer).detach().to(self.device, torch.float32)
+        if not torch.isfinite(observed).all():
+            return None
         delta = output.detach() - observed
         params = self.parameters()
         self.optimizer.zero_grad(set_to_none=True)
         grads = torch.autograd.grad([output], params, grad_outputs=[delta], allow_unused=True)
+        if not all(grad is None or torch.isfinite(grad).all() for grad in grads):
+            return None
         for param, grad in zip(params, grads):
             param.grad = grad
         torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.updates += 1
-        self._pending = None
         return float(delta.pow(2).mean())
 
     def set_teacher(self, teacher_matrix: torch.Tensor) -> None:
@@ -130,6 +150,10 @@ class KnowledgeFusionUnit:
         if matrix.shape != self.teacher.shape:
             raise ValueError(f"teacher matrix has shape {tuple(matrix.shape)}, expected {tuple(self.teacher.shape)}")
         self.teacher = matrix.clone()
+
+    @property
+    def gate_value(self) -> float | None:
+        return float(self.gate.detach()) if self.config.mode == "gated" else None
 
     @property
     def lr(self) -> float:
@@ -187,10 +211,14 @@ class KnowledgeFusionUnit:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(pending.seed)
             raw = self.adapter(pending.student, self.teacher)
+        student = pending.student
         if self.config.mode == "replace":
-            return raw
-        # std of the input is a constant of this fusion, not something to learn through.
-        return pending.student + self.gate * pending.student.std() * raw
+            fused = raw
+        else:
+            # std of the input is a constant of this fusion, not something to learn through.
+            fused = student + self.gate * student.std() * raw
+        # The norm-preserving rescale is what keeps repeated fusion from compounding (see top).
+        return fused * (student.norm() / fused.norm().clamp_min(torch.finfo(fused.dtype).tiny))
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # As MergeNet: no weight decay on biases and norms (nor on the gate).
@@ -200,10 +228,14 @@ class KnowledgeFusionUnit:
         return [
             {"params": decay, "weight_decay": self.config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
-            # A lone scalar moves about one lr per Adam step; a larger step lets the gate
-            # open within tens of rounds instead of hundreds.
-            {"params": [self.gate], "weight_decay": 0.0, "lr": self.config.lr * GATE_LR_SCALE},
+            {"params": [self.gate], "weight_decay": 0.0, "lr": self._gate_lr()},
         ]
+
+    def _gate_lr(self) -> float:
+        """A lone scalar moves about one lr per Adam step, so this rate lets the gate travel up to
+        about 0.5 over the run however few the updates (a federated run learns once per round),
+        and never slower than 10x the adapter's rate (a central run learns on every fused batch)."""
+        return max(self.config.lr * GATE_LR_SCALE, 0.5 / self.total_updates)
 
     def _lr_factor(self, step: int) -> float:
         """Constant during warm-up, then cosine to zero over the remaining updates (MergeNet)."""
