@@ -24,7 +24,7 @@ Usage: $PROG [SUBCOMMAND] [ARGS...]
 
 Subcommands (extra ARGS are passed on to the Python entry point):
   quick [ARGS]        quick experiment: run_federated_mergenet.py --preset quick
-  suite [ARGS]        the four arms and the report: run_federated_mergenet.py --suite
+  suite [ARGS]        the six arms (placebos included), two seeds, and the report: run_federated_mergenet.py --suite
   paper [ARGS]        paper preset: run_federated_mergenet.py --preset paper
   server [ARGS]       SuperLink + app in deployment mode: federated_mergenet_server.py
   client ID [ARGS]    one client (SuperNode) with numeric id ID: federated_mergenet_client.py
@@ -97,7 +97,7 @@ menu() {
   2) Server only
   3) One client
   4) Compare results
-  5) Comparison suite (four arms + report)
+  5) Comparison suite (six arms, two seeds, report)
   0) Quit
 EOF
     local choice client_id device

@@ -132,8 +132,12 @@ def runner_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(load_presets()), default="quick",
                         help="quick: offline Fashion-MNIST subset on CPU (default); paper: CIFAR-100 as in the write-up")
     parser.add_argument("--mode", choices=("simulation", "deployment"), default="simulation")
-    parser.add_argument("--suite", action="store_true", help="run central, central+MergeNet, FedAvg, FedAvg+MergeNet, then the report")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds for --suite (default: --seed)")
+    parser.add_argument("--suite", action="store_true",
+                        help="run central, central+MergeNet, central+placebo, FedAvg, FedAvg+MergeNet, FedAvg+placebo "
+                             "for every seed, then the report")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="seeds for --suite (default: --seed and the next one, the fewest that give a spread "
+                             "over seeds; the report pairs arms by seed)")
     parser.add_argument("--central", action="store_true", help="run the single-machine baseline instead")
     parser.add_argument("--cotrain-teacher", action="store_true", help="central MergeNet: train the teacher alongside, as the original")
     parser.add_argument("--pretrain-teacher", action="store_true", help="only pretrain the teacher checkpoint")
@@ -157,7 +161,8 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
     if args.suite:
         from .experiments.suite import run_suite
 
-        run_suite(cfg, args.seeds or [cfg.seed], Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
+        seeds = args.seeds or [cfg.seed, cfg.seed + 1]
+        run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
         return 0
     if cfg.fusion:
         ensure_teacher(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,14 @@ class RunConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_milestones: str = "60,120,160"  # global epochs
+    lr_milestones: str = "0.3,0.6,0.8"  # fractions of the run's epochs, or whole epochs ("60,120,160")
     lr_gamma: float = 0.2
     # MergeNet fusion
     fusion: bool = True
+    # Clients recompute the averaged model's BatchNorm statistics on their data in the evaluate
+    # phase (SWA's update_bn): averaged statistics do not describe averaged weights, and without
+    # this the quick preset's FedAvg stayed at chance. Off: --no-recalibrate-bn (plain FedAvg).
+    recalibrate_bn: bool = True
     fusion_start_round: int = 2
     fusion_frequency: int = 1
     fusion_mode: str = "gated"
@@ -92,8 +97,10 @@ class RunConfig:
     # Teacher
     teacher_checkpoint: str = ""  # "" = checkpoints/teacher_resnet50_<dataset>.pt
     random_teacher: bool = False
+    placebo_teacher: bool = False  # control arm: fuse from the teacher's fc.weight with its entries shuffled
     teacher_epochs: int = 200
-    teacher_lr: float = 0.1
+    teacher_lr: float = 0.1  # peak of its warm-up + cosine schedule
+    teacher_train_limit: int = -1  # training images for the teacher: -1 = train_limit, 0 = the whole set
     # Runtime
     output_dir: str = ""  # "" = results/<arm>
     seed: int = 0
@@ -108,12 +115,24 @@ class RunConfig:
 
     # --- derived values -------------------------------------------------------------
     @property
-    def milestones(self) -> list[int]:
-        return [int(m) for m in str(self.lr_milestones).split(",") if m.strip()]
+    def total_epochs(self) -> int:
+        """The run's budget of passes over the data, the same for central and federated arms."""
+        return self.rounds * self.local_epochs
+
+    def milestones(self, total_epochs: int | None = None) -> list[int]:
+        """The epochs at which the lr drops, for a run of ``total_epochs`` (default: this run's)."""
+        return resolve_milestones(self.lr_milestones, self.total_epochs if total_epochs is None else total_epochs)
 
     @property
     def arm(self) -> str:
-        return "fedavg_mergenet" if self.fusion else "fedavg"
+        if not self.fusion:
+            return "fedavg"
+        return "fedavg_placebo" if self.placebo_teacher else "fedavg_mergenet"
+
+    @property
+    def central_arm(self) -> str:
+        """The single-machine arm with this run's fusion setting."""
+        return {"fedavg": "central", "fedavg_mergenet": "central_mergenet", "fedavg_placebo": "central_placebo"}[self.arm]
 
     @property
     def sample_size(self) -> int:
@@ -159,6 +178,26 @@ class RunConfig:
         return cls(**values)
 
 
+def resolve_milestones(spec: str, total_epochs: int) -> list[int]:
+    """``"0.3,0.6,0.8"`` (fractions of the run, each in (0, 1)) or ``"60,120,160"`` (whole epochs).
+
+    A fraction f becomes epoch ceil(f * total): 3 epochs give milestones 1, 2, 3, so even a
+    short run spends its last epoch at the smallest rate, and 200 epochs give the write-up's
+    60, 120, 160 exactly.
+    """
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if all("." not in p for p in parts):
+        values = [int(p) for p in parts]
+        if any(v < 1 for v in values):
+            raise ValueError("whole-epoch milestones must be at least 1")
+        return values
+    fractions = [float(p) for p in parts]
+    if not all(0 < f < 1 for f in fractions):
+        raise ValueError("fractional milestones must lie strictly between 0 and 1")
+    # The tolerance keeps 0.3 * 200 = 60.000000000000004 at 60.
+    return [max(1, math.ceil(f * total_epochs - 1e-9)) for f in fractions]
+
+
 def key_of(name: str) -> str:
     return name.replace("_", "-")
 
@@ -196,16 +235,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.fusion_frequency >= 1, f"--fusion-frequency must be at least 1 (got {cfg.fusion_frequency})"),
         (cfg.fusion_batches >= 1, f"--fusion-batches must be at least 1 (got {cfg.fusion_batches})"),
         (cfg.train_limit >= 0 and cfg.test_limit >= 0, "--train-limit and --test-limit must be >= 0"),
+        (cfg.teacher_train_limit >= -1, "--teacher-train-limit must be -1 (as --train-limit), 0 (all) or positive"),
+        (cfg.teacher_epochs >= 1, f"--teacher-epochs must be at least 1 (got {cfg.teacher_epochs})"),
         (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.round_timeout > 0 and cfg.node_wait_timeout > 0, "timeouts must be positive"),
+        (cfg.fusion or not cfg.placebo_teacher, "--placebo-teacher is a fusion arm: drop --no-fusion"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     try:
-        cfg.milestones
+        cfg.milestones()
     except ValueError as exc:
-        raise ConfigError(f"--lr-milestones must be comma-separated integers (got {cfg.lr_milestones!r})") from exc
+        raise ConfigError(f"--lr-milestones must be fractions of the run in (0, 1) like 0.3,0.6,0.8 or whole "
+                          f"epochs like 60,120,160 (got {cfg.lr_milestones!r}: {exc})") from None
     return cfg
 
 
@@ -229,7 +272,7 @@ def apply_preset(name: str, base: RunConfig | None = None) -> RunConfig:
 
 # --- command line ----------------------------------------------------------------------
 # Extra spellings users of the original scripts know.
-FLAG_ALIASES = {"num_clients": ["--num_clients"], "fusion": ["--no-fusion"]}
+FLAG_ALIASES = {"num_clients": ["--num_clients"]}
 FLAG_HELP = {
     "dataset": "dataset: fashion-mnist (offline here) or cifar100",
     "data_dir": "where datasets are read from / downloaded to",
@@ -242,11 +285,15 @@ FLAG_HELP = {
     "min_clients": "minimum connected clients before a round starts (0 = clients per round)",
     "alpha": "Dirichlet label-skew concentration (> 0); leave unset for IID",
     "fusion": "disable MergeNet fusion (plain FedAvg)",
+    "recalibrate_bn": "keep the averaged BatchNorm statistics (plain FedAvg) instead of having the clients "
+                      "recompute them for the averaged model",
     "fusion_start_round": "first round whose average is fused",
     "fusion_frequency": "fuse every this many rounds",
     "fusion_mode": "gated (starts at identity) or replace (the original MergeNet)",
     "teacher_checkpoint": "teacher ResNet50 checkpoint (default checkpoints/teacher_resnet50_<dataset>.pt)",
     "random_teacher": "smoke tests only: use an untrained teacher (recorded in the results)",
+    "placebo_teacher": "control arm: fuse from the teacher's fc.weight with its entries shuffled (same shape and "
+                       "values, no knowledge)",
     "output_dir": "where metrics.jsonl, summary.json and models go",
     "device": "client training device: cpu, cuda or auto",
 }
@@ -258,8 +305,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + key_of(f.name)
         help_text = FLAG_HELP.get(f.name, f"(default {f.default})")
-        if f.name == "fusion":
-            group.add_argument("--no-fusion", dest="fusion", action="store_const", const=False, default=None, help=help_text)
+        if f.default is True:  # on by default: the flag turns it off
+            group.add_argument("--no-" + key_of(f.name), dest=f.name, action="store_const", const=False, default=None,
+                               help=help_text)
             continue
         if f.name == "resume":
             group.add_argument("--resume", dest="resume_dir", metavar="OUTPUT_DIR", default=None,
@@ -279,8 +327,8 @@ def to_flags(cfg: RunConfig) -> list[str]:
     flags: list[str] = []
     for f in fields(RunConfig):
         value = getattr(cfg, f.name)
-        if f.name == "fusion":
-            flags += [] if value else ["--no-fusion"]
+        if f.default is True:
+            flags += [] if value else ["--no-" + key_of(f.name)]
         elif f.name == "resume":
             flags += ["--resume", cfg.output_dir] if value else []
         elif f.name == "alpha" and value == 0:
@@ -305,5 +353,5 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
 
 __all__ = [
     "AdapterConfig", "RunConfig", "validate", "apply_preset", "load_presets", "add_run_options",
-    "config_from_args", "key_of", "DATASETS", "DEVICES", "FUSION_MODES",
+    "config_from_args", "key_of", "resolve_milestones", "DATASETS", "DEVICES", "FUSION_MODES",
 ]

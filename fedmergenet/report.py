@@ -20,6 +20,7 @@ from fedmergenet.errors import UserError
 from fedmergenet.results import (
     ARMS,
     METRICS_FILE,
+    PLACEBO_OF,
     SUMMARY_FILE,
     ResultsError,
     RunResult,
@@ -28,7 +29,7 @@ from fedmergenet.results import (
 )
 
 FRACTIONS = (0.5, 0.75, 0.9, 0.95)
-FIGURES = ("top1_vs_epochs.png", "loss_vs_epochs.png", "convergence.png", "final_accuracy.png")
+FIGURES = ("top1_vs_epochs.png", "loss_vs_epochs.png", "convergence.png", "final_accuracy.png", "gate_vs_epochs.png")
 FIGSIZE = (8.0, 5.0)
 DPI = 100
 NA = "n/a"
@@ -44,8 +45,10 @@ IGNORED_SETTINGS = frozenset(
 ARM_COLOURS = {
     "central": "tab:blue",
     "central_mergenet": "tab:orange",
+    "central_placebo": "tab:olive",
     "fedavg": "tab:green",
     "fedavg_mergenet": "tab:red",
+    "fedavg_placebo": "tab:purple",
 }
 
 
@@ -355,8 +358,38 @@ def _fed_vs_central(table: Comparison) -> str | None:
     return f"{question} yes, it matches it: {diff:+.1f} pp, no clear difference ({reason})."
 
 
-def conclusion(table: Comparison) -> str:
-    """The verdict in words, from the table's numbers; the first line is the headline."""
+def paired_gaps(runs: Sequence[RunResult], arm: str, control: str) -> dict[int, float]:
+    """Final top-1 of ``arm`` minus ``control``, seed by seed (same seed: same start and data order)."""
+    finals = {(r.arm, r.seed): float(r.summary["final_top1"]) for r in runs}
+    seeds = sorted(s for a, s in finals if a == arm and (control, s) in finals)
+    return {s: finals[(arm, s)] - finals[(control, s)] for s in seeds}
+
+
+def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
+    """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
+    the spread (sample std) of the paired gaps over seeds."""
+    control = PLACEBO_OF[arm]
+    gaps = paired_gaps(runs, arm, control)
+    if not gaps:
+        return None
+    mean = statistics.fmean(gaps.values()) * 100
+    question = f"Does the trained teacher help {arm} beyond its placebo {control}?"
+    if len(gaps) < 2:
+        return (f"{question} cannot tell: {mean:+.1f} pp on one paired seed, so the spread over seeds is "
+                "unknown and nothing is credited to the teacher.")
+    spread = statistics.stdev(gaps.values()) * 100
+    detail = f"{mean:+.1f} pp, paired over seeds {', '.join(map(str, gaps))}, spread (std of the gaps) {spread:.1f} pp"
+    if mean > spread:
+        return f"{question} yes: {detail}; the gain exceeds the spread, so it is credited to the teacher's knowledge."
+    if -mean > spread:
+        return f"{question} no, it hurts: {detail}; the trained teacher does worse than its placebo."
+    return (f"{question} not shown: {detail}; the gap is within the spread, so no gain can be credited to "
+            "the teacher (what fusion does here, perturbation does as well).")
+
+
+def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
+    """The verdict in words, from the table's numbers; the first line is the headline. With the
+    runs, the trained-teacher arms are also compared with their placebos, paired by seed."""
     ranked = sorted(table.arms, key=lambda a: a.final_top1, reverse=True)
     best = ranked[0]
     head = f"Best arm by mean final top-1: {best.arm} ({best.final_top1 * 100:.1f}%)"
@@ -373,6 +406,7 @@ def conclusion(table: Comparison) -> str:
     answer = _fed_vs_central(table)
     if answer:
         lines.append(answer)
+    lines += [line for arm in PLACEBO_OF if (line := teacher_credit(runs, arm))]
     return "\n".join(lines)
 
 
@@ -450,6 +484,30 @@ def plot_curves(groups: dict[str, list[RunResult]], key: str, path: Path) -> Pat
     return _save(fig, path)
 
 
+def plot_gate(groups: dict[str, list[RunResult]], path: Path) -> Path:
+    """The fusion gate against epoch-equivalents, one line per run: how far fusion acts over the
+    run (the gate's sign differs between seeds, so a mean over seeds would hide it)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for arm, runs in groups.items():
+        for i, run in enumerate(runs):
+            pairs = _sorted_rows(run.rows, "gate")
+            if not pairs:
+                continue
+            ax.plot([e for e, _ in pairs], [g for _, g in pairs], color=ARM_COLOURS.get(arm), marker="o",
+                    markersize=3, alpha=0.8, label=f"{arm} (one line per seed)" if i == 0 else None)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("epoch-equivalents (passes over the training data)")
+    ax.set_ylabel("gate (0 = fusion is the identity)")
+    ax.set_title("Fusion gate vs epoch-equivalents (gated mode)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no run recorded a gate", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
 def plot_convergence(table: Comparison, path: Path) -> Path:
     """Grouped bars: epoch-equivalents each arm needs to reach each threshold."""
     plt = _pyplot()
@@ -508,6 +566,7 @@ def write_figures(groups: dict[str, list[RunResult]], table: Comparison, out_dir
         plot_curves(groups, "test_loss", out_dir / FIGURES[1]),
         plot_convergence(table, out_dir / FIGURES[2]),
         plot_final(table, out_dir / FIGURES[3]),
+        plot_gate(groups, out_dir / FIGURES[4]),
     ]
 
 
@@ -591,6 +650,7 @@ def render_markdown(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str
         "![Test loss vs epoch-equivalents](loss_vs_epochs.png)",
         "![Epoch-equivalents to reach each threshold](convergence.png)",
         "![Final and best top-1 per arm](final_accuracy.png)",
+        "![Fusion gate vs epoch-equivalents](gate_vs_epochs.png)",
         "## Settings that differ between runs",
         "\n".join(f"- `{k}`: {', '.join(json.dumps(v, default=str) for v in vals)}"
                   for k, vals in settings.items()) or "None: all runs share their settings.",
@@ -642,7 +702,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> Report:
         raise UserError(f"no results found under {where}{extra}: run the experiment arms first "
                         f"(each run writes a folder with {SUMMARY_FILE} and {METRICS_FILE})")
     table = arm_table(runs)
-    verdict = conclusion(table)
+    verdict = conclusion(table, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_figures(group_by_arm(runs), table, out_dir)
     data = {**table.as_dict(), "conclusion": verdict, "differing_settings": differing_settings(runs),

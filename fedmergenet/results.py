@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARMS = ("central", "central_mergenet", "fedavg", "fedavg_mergenet")
+ARMS = ("central", "central_mergenet", "central_placebo", "fedavg", "fedavg_mergenet", "fedavg_placebo")
+# Each MergeNet arm and its control: the same fusion from a teacher whose fused matrix is shuffled.
+PLACEBO_OF = {"central_mergenet": "central_placebo", "fedavg_mergenet": "fedavg_placebo"}
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 

@@ -109,6 +109,32 @@ def random_teacher(*, dataset: str, num_classes: int, in_channels: int = 3, seed
     return model, info
 
 
+def placebo_teacher(model: ResNet50, info: TeacherInfo, seed: int = 0) -> tuple[ResNet50, TeacherInfo]:
+    """The control for fusion: the teacher with the entries of its fused matrix (``fc.weight``)
+    shuffled by ``seed``. Same shape, same values and scale, no class structure: what fusion
+    gains from it is perturbation, not knowledge."""
+    state = model.state_dict()
+    matrix = state[TEACHER_LAYER]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(matrix.numel(), generator=generator)
+    shuffled = build_teacher(num_classes=info.num_classes, in_channels=int(model.conv1[0].in_channels))
+    shuffled.load_state_dict({**state, TEACHER_LAYER: matrix.reshape(-1)[order].reshape(matrix.shape)})
+    freeze(shuffled)
+    placebo = TeacherInfo("placebo", info.path, info.dataset, info.num_classes, info.epochs, info.test_top1,
+                          state_checksum(shuffled.state_dict()))
+    return shuffled, placebo
+
+
+def teacher_for_run(*, path: Path, dataset: str, num_classes: int, random: bool, placebo: bool,
+                    seed: int) -> tuple[ResNet50, TeacherInfo]:
+    """The teacher a run fuses from: the checkpoint, its placebo, or an untrained stand-in."""
+    if random:
+        model, info = random_teacher(dataset=dataset, num_classes=num_classes, seed=seed)
+    else:
+        model, info = load_teacher(path, dataset=dataset, num_classes=num_classes)
+    return placebo_teacher(model, info, seed) if placebo else (model, info)
+
+
 def freeze(model: torch.nn.Module) -> None:
     model.eval()
     for param in model.parameters():

@@ -116,6 +116,37 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     return EvalResult(loss=loss_sum / total, top1=correct1 / total, top5=correct5 / total, examples=total)
 
 
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
+    """Recompute every BatchNorm's running statistics as exact averages over ``loader``
+    (torch's update_bn from SWA, Izmailov et al. 2018): after weights are averaged, the
+    averaged running statistics no longer describe the averaged model's activations."""
+    torch.optim.swa_utils.update_bn(loader, model, device)
+
+
+def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running means and variances of every BatchNorm, by state_dict name."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+            if name.endswith(("running_mean", "running_var"))}
+
+
+def pool_bn_statistics(stats: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Statistics of the union of the clients' data from each client's: weighted means, and
+    variances pooled with the spread of the clients' means (E[x^2] - E[x]^2)."""
+    total = float(sum(weights))
+    pooled: dict[str, torch.Tensor] = {}
+    for name in stats[0]:
+        if not name.endswith("running_mean"):
+            continue
+        prefix = name[: -len("running_mean")]
+        means = [s[name].double() for s in stats]
+        variances = [s[prefix + "running_var"].double() for s in stats]
+        mean = sum(w * m for w, m in zip(weights, means)) / total
+        second = sum(w * (v + m * m) for w, v, m in zip(weights, variances, means)) / total
+        pooled[name] = mean.to(stats[0][name].dtype)
+        pooled[prefix + "running_var"] = (second - mean * mean).clamp_min(0).to(stats[0][name].dtype)
+    return pooled
+
+
 def seed_everything(seed: int) -> None:
     import random
 

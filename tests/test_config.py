@@ -15,6 +15,7 @@ from fedmergenet.config import (
     add_run_options,
     apply_preset,
     config_from_args,
+    resolve_milestones,
     validate,
 )
 from fedmergenet.errors import ConfigError
@@ -82,11 +83,39 @@ def test_validate_accepts_the_defaults():
 
 
 def test_paper_preset_is_the_cifar100_setting():
-    """--preset paper: CIFAR-100, 50 rounds of 5 local epochs; other fields keep their defaults."""
+    """--preset paper: CIFAR-100, 50 rounds of 5 local epochs, the write-up's milestones 60/120/160."""
     cfg = apply_preset("paper")
     assert (cfg.dataset, cfg.rounds, cfg.local_epochs) == ("cifar100", 50, 5)
     assert cfg.lr == RunConfig().lr
+    assert cfg.milestones() == [60, 120, 160]
     validate(cfg)
+
+
+@pytest.mark.parametrize(("spec", "epochs", "expected"), [
+    ("0.3,0.6,0.8", 200, [60, 120, 160]),  # the write-up's schedule, as fractions
+    ("0.3,0.6,0.8", 3, [1, 2, 3]),  # a 3-epoch run: 0.1, 0.02, 0.004 -- it ends annealed
+    ("0.3,0.6,0.8", 10, [3, 6, 8]),
+    ("60,120,160", 3, [60, 120, 160]),  # whole epochs stay possible, whatever the run's length
+    ("", 5, []),  # constant learning rate
+])
+def test_milestones_are_fractions_of_the_run_or_whole_epochs(spec, epochs, expected):
+    assert resolve_milestones(spec, epochs) == expected
+
+
+def test_every_run_ends_annealed_by_default():
+    """With the default milestones the last epoch of any run of 3 or more epochs trains at most at
+    lr * gamma^2 (it has passed at least two milestones)."""
+    for rounds, local_epochs in ((1, 3), (3, 1), (5, 2), (7, 1), (50, 5)):
+        cfg = RunConfig(rounds=rounds, local_epochs=local_epochs)
+        last_epoch = cfg.total_epochs - 1
+        assert sum(m <= last_epoch for m in cfg.milestones()) >= 2, (rounds, local_epochs)
+
+
+@pytest.mark.parametrize("spec", ["0.3,1.5", "0,0.5", "a,b", "0.5,3", "-2"])
+def test_bad_milestones_are_one_line_errors(spec):
+    with pytest.raises(ConfigError, match="--lr-milestones") as info:
+        validate(RunConfig(lr_milestones=spec))
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_preset_is_a_config_error():
@@ -108,6 +137,16 @@ def test_original_flag_spellings_still_work():
     assert cfg.num_clients == 5
     assert cfg.fusion is False and cfg.arm == "fedavg"
     assert parse().fusion is True
+
+
+def test_options_on_by_default_have_a_no_flag_and_arms_follow_the_teacher():
+    """--no-recalibrate-bn turns BatchNorm recalibration off (plain FedAvg); --placebo-teacher makes
+    the placebo arms, and needs fusion."""
+    assert parse().recalibrate_bn is True and parse("--no-recalibrate-bn").recalibrate_bn is False
+    placebo = parse("--placebo-teacher")
+    assert (placebo.arm, placebo.central_arm) == ("fedavg_placebo", "central_placebo")
+    with pytest.raises(ConfigError, match="--placebo-teacher"):
+        parse("--placebo-teacher", "--no-fusion")
 
 
 def test_alpha_zero_on_the_command_line_is_rejected():

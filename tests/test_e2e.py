@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from fedmergenet.config import RunConfig
-from fedmergenet.experiments.baseline import union_of_client_data
+from fedmergenet.experiments.baseline import run_central, union_of_client_data
+from fedmergenet.experiments.estimate import Estimate, estimate_suite
 from fedmergenet.experiments.suite import run_suite
 from fedmergenet.flower.runtime import free_port
 from fedmergenet.flower.task import client_data
-from fedmergenet.models import state_checksum
-from fedmergenet.results import read_metrics, read_summary
+from fedmergenet.models import STUDENT_LAYER, state_checksum
+from fedmergenet.results import ARMS, read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -49,37 +50,72 @@ def test_baseline_trains_on_exactly_the_clients_training_data(tmp_path: Path) ->
     assert np.array_equal(union, union_of_client_data(cfg))
 
 
+def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must_be_trained() -> None:
+    """The estimate the suite prints before it starts: a few timed steps on this machine, scaled."""
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", batch_size=4, rounds=2, local_epochs=1, teacher_epochs=1)
+    with_teacher = estimate_suite(cfg, seeds=2, train_images=96, test_images=64, num_classes=10, teacher_images=40)
+    assert with_teacher.per_seed_s > 0 and with_teacher.arms_s == pytest.approx(2 * with_teacher.per_seed_s)
+    assert with_teacher.teacher_s > 0
+    assert "teacher pretraining" in with_teacher.describe() and "2 seed(s)" in with_teacher.describe()
+    assert "teacher" not in Estimate(teacher_s=0.0, per_seed_s=60.0, seeds=3).describe()
+
+
 @pytest.mark.slow
 @needs_fashion
-def test_the_suite_runs_four_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path) -> None:
+def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path) -> None:
     before = flower_processes()
     teacher_bytes = teacher_file.read_bytes()
     cfg = tiny(teacher_file, tmp_path)
     report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False)
 
-    runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ("central", "central_mergenet", "fedavg", "fedavg_mergenet")}
+    runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ARMS}
     summaries = {arm: read_summary(path) for arm, path in runs.items()}
     assert all(s["status"] == "completed" for s in summaries.values())
     assert {s["epoch_equiv"] for s in summaries.values()} == {3}  # same budget of passes over the data
+    assert all(s["fusion_skipped"] == 0 for s in summaries.values())
 
     rows = read_metrics(runs["fedavg_mergenet"])
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["fusion_applied"] for r in rows] == [0, 0, 1, 1]  # fusion from round 2
     assert rows[3]["adapter_learned"] == 1 and rows[3]["adapter_loss"] is not None  # it learns in round 3
+    assert rows[3]["gate"] != 0.0  # and the gate moved
     assert all(r["round_status"] in ("initial", "ok") for r in rows)
+    assert [r["bn_recalibrated"] for r in rows[1:]] == [2, 2, 2]  # both clients recomputed BatchNorm statistics
     assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
     assert [r["fusion_applied"] for r in read_metrics(runs["fedavg"])] == [0, 0, 0, 0]
     assert sum(r["fusion_applied"] for r in read_metrics(runs["central_mergenet"])) > 0
+    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg_placebo"])] == [0, 0, 1, 1]
 
-    # The teacher never changes: file untouched, and the run recorded its checksum.
+    # The teacher never changes: file untouched, and the run recorded its checksum. The placebo
+    # arms fused from the same checkpoint with its fc.weight shuffled.
     assert teacher_file.read_bytes() == teacher_bytes
     weights = torch.load(teacher_file, weights_only=True)["state_dict"]
     assert summaries["fedavg_mergenet"]["teacher"]["sha256"] == state_checksum(weights)
+    for arm in ("central_placebo", "fedavg_placebo"):
+        assert summaries[arm]["teacher"]["source"] == "placebo"
+        assert summaries[arm]["teacher"]["sha256"] != state_checksum(weights)
 
     assert report.name == "report.md" and report.is_file()
-    assert (report.parent / "top1_vs_epochs.png").is_file()
+    assert (report.parent / "gate_vs_epochs.png").is_file()
+    assert "beyond its placebo" in report.read_text()
     time.sleep(1)
     assert flower_processes() - before == set(), "Flower or Ray processes were left behind"
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_central_mergenet_fusing_every_batch_keeps_the_layer_in_scale(tmp_path: Path) -> None:
+    """The divergence the norm-preserving fusion prevents: MergeNet's f=1 (fuse before every batch) for
+    3 epochs with a random teacher skips no fusion and ends with the fused layer's std within 2x of
+    the same run without fusion."""
+    cfg = tiny(tmp_path / "none.pt", tmp_path, train_limit=160, batch_size=16, fusion_batches=1, random_teacher=True)
+    fused = run_central(cfg.replace(output_dir=str(tmp_path / "fused")), mergenet=True, echo=False)
+    plain = run_central(cfg.replace(output_dir=str(tmp_path / "plain")), mergenet=False, echo=False)
+    rows = read_metrics(fused)
+    assert sum(r["fusion_applied"] for r in rows) == 3 * 9 and sum(r["fusion_skipped"] for r in rows) == 0
+    std = {name: float(torch.load(run / "final_model.pt", weights_only=True)[STUDENT_LAYER].std())
+           for name, run in (("fused", fused), ("plain", plain))}
+    assert 0.5 * std["plain"] < std["fused"] < 2 * std["plain"], std
 
 
 def _python(script: str, *args: str) -> list[str]:

@@ -238,6 +238,41 @@ def test_conclusion_says_no_clear_difference_for_single_seeds() -> None:
     assert "cannot tell" in text
 
 
+def placebo_runs(trained: list[float], placebo: list[float], arm: str = "central") -> list[RunResult]:
+    """Final top-1 per seed of a trained-teacher arm and its placebo (seeds 0, 1, ...)."""
+    return ([make_run(f"{arm}_mergenet", seed, [0.3, acc]) for seed, acc in enumerate(trained)]
+            + [make_run(f"{arm}_placebo", seed, [0.3, acc]) for seed, acc in enumerate(placebo)])
+
+
+def test_the_teacher_is_credited_when_it_beats_its_placebo_by_more_than_the_spread() -> None:
+    """Paired by seed: gaps +4, +5, +6 pp (mean 5, std 1) exceed their spread."""
+    text = conclusion(arm_table(runs := placebo_runs([0.74, 0.70, 0.86], [0.70, 0.65, 0.80])), runs)
+    line = next(line for line in text.splitlines() if "beyond its placebo" in line)
+    assert line.startswith("Does the trained teacher help central_mergenet beyond its placebo central_placebo? yes")
+    assert "+5.0 pp" in line and "spread (std of the gaps) 1.0 pp" in line and "credited" in line
+
+
+def test_the_teacher_is_not_credited_when_the_gap_is_within_the_spread() -> None:
+    """Gaps +10, -6, +2 pp: mean +2 pp but a spread of 8 pp. Pairing matters: unpaired, the arms'
+    means (66.0% vs 64.0%) would look like a 2 pp gain."""
+    runs = placebo_runs([0.80, 0.54, 0.64], [0.70, 0.60, 0.62], arm="fedavg")
+    text = conclusion(arm_table(runs), runs)
+    line = next(line for line in text.splitlines() if "beyond its placebo" in line)
+    assert "fedavg_mergenet beyond its placebo fedavg_placebo? not shown: +2.0 pp" in line
+    assert "no gain can be credited to the teacher" in line
+
+
+def test_one_paired_seed_credits_nothing() -> None:
+    runs = placebo_runs([0.90], [0.50])
+    text = conclusion(arm_table(runs), runs)
+    assert "cannot tell: +40.0 pp on one paired seed" in text
+
+
+def test_a_teacher_that_does_worse_than_its_placebo_is_called_so() -> None:
+    runs = placebo_runs([0.60, 0.61, 0.62], [0.70, 0.72, 0.71])
+    assert "no, it hurts: -10.0 pp" in conclusion(arm_table(runs), runs)
+
+
 # ----------------------------------------------------------------- folders and the report
 
 

@@ -154,6 +154,21 @@ def test_gated_fusion_first_passes_the_average_through(base_state):
     assert strategy.round_log(1).gate == 0.0
 
 
+def test_a_non_finite_fusion_is_skipped_and_the_round_keeps_fedavgs_average(base_state):
+    """An adapter gone bad (a NaN in its weights): the round returns FedAvg's tensors, counts the
+    skipped fusion in its metrics, has nothing pending to learn from, and the next round runs."""
+    unit = fusion_unit(base_state[SMALL_TARGET].shape, teacher_cols=64, h=2)
+    with torch.no_grad():
+        unit.adapter.layers[0].output.layernorm.weight[0] = float("nan")
+    strategy = FedMergeNet(spec=spec_of(base_state), fusion_unit=unit, fusion_start_round=1, target=SMALL_TARGET)
+    for server_round in (1, 2):
+        replies = sound_replies(base_state, seeds=(server_round, server_round + 10))
+        arrays, metrics = strategy.aggregate_train(server_round, replies)
+        assert differing(as_numpy(arrays), fedavg(replies)) == []
+        assert metrics["fusion-applied"] == 0 and metrics["fusion-skipped"] == 1
+        assert strategy.pending_fused is None and strategy.round_log(server_round).learned == 0
+
+
 def test_fusion_frequency_two_fuses_every_other_round(base_state):
     """fusion_frequency=2 from round 2 fuses in rounds 2 and 4; round 3 only learns (its output is
     plain FedAvg). A small target layer keeps this schedule test cheap."""
@@ -170,6 +185,38 @@ def test_fusion_frequency_two_fuses_every_other_round(base_state):
     assert changed == {1: [], 2: [SMALL_TARGET], 3: [], 4: [SMALL_TARGET]}
     assert [strategy.round_log(r).learned for r in (1, 2, 3, 4)] == [0, 0, 1, 0]
     assert strategy.pending_fused is not None  # round 4's fusion awaits round 5
+
+
+def evaluate_reply(stats: dict[str, torch.Tensor], train_examples, node_id: int) -> Message:
+    """A ClientApp's reply to an evaluate message that asked for recomputed BatchNorm statistics."""
+    instruction = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id,
+                          message_type=MessageType.EVALUATE)
+    metrics = MetricRecord({"eval-loss": 1.0, "eval-top1": 0.5, "eval-top5": 0.9, "num-examples": 5,
+                            "train-examples": train_examples})
+    return Message(RecordDict({"bn": ArrayRecord(stats), "metrics": metrics}), reply_to=instruction)
+
+
+def test_recalibration_pools_the_clients_statistics_into_the_global_model(base_state):
+    """The evaluate phase: the model sent out gets the clients' recomputed BatchNorm statistics,
+    pooled by their training-set sizes; weights and every other tensor stay as they were. A reply
+    with non-finite statistics is left out."""
+    strategy = FedMergeNet(spec=spec_of(base_state), recalibrate_bn=True)
+    arrays = ArrayRecord({k: v.clone() for k, v in base_state.items()})
+    strategy._evaluated = arrays
+    names = [k for k in base_state if k.endswith(("running_mean", "running_var"))]
+    one = {k: torch.full_like(base_state[k], 1.0) for k in names}
+    three = {k: torch.full_like(base_state[k], 3.0) for k in names}
+    bad = {k: torch.full_like(base_state[k], float("nan")) for k in names}
+    replies = [evaluate_reply(one, 10, 101), evaluate_reply(three, 30, 102), evaluate_reply(bad, 10, 103)]
+    strategy.aggregate_evaluate(1, replies)
+    assert strategy.round_log(1).bn_recalibrated == 2
+    pooled = arrays.to_torch_state_dict()
+    mean_name = next(k for k in names if k.endswith("running_mean"))
+    var_name = mean_name.replace("running_mean", "running_var")
+    assert torch.allclose(pooled[mean_name], torch.full_like(pooled[mean_name], 2.5))  # (10*1 + 30*3) / 40
+    # E[x^2] - E[x]^2 with variances 1 and 3 around means 1 and 3: (10*2 + 30*12) / 40 - 2.5^2 = 3.25
+    assert torch.allclose(pooled[var_name], torch.full_like(pooled[var_name], 3.25))
+    assert all(torch.equal(pooled[k], base_state[k]) for k in base_state if k not in names)
 
 
 # --- screening -------------------------------------------------------------------------------

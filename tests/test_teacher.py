@@ -12,7 +12,8 @@ import torch
 
 from fedmergenet.errors import CheckpointError
 from fedmergenet.models import build_teacher, state_checksum
-from fedmergenet.teacher import load_teacher, save_teacher
+from fedmergenet.models import TEACHER_LAYER
+from fedmergenet.teacher import load_teacher, placebo_teacher, save_teacher
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,19 @@ def test_a_file_without_a_state_dict_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="no state_dict"):
         load_teacher(path, dataset="fashion-mnist", num_classes=10)
+
+
+def test_the_placebo_teacher_shuffles_only_the_fused_matrix(saved):
+    """The control arm's teacher: fc.weight with the same shape and the same values in another order
+    (seeded), every other tensor untouched; its info says placebo."""
+    path, _ = saved
+    model, info = load_teacher(path, dataset="fashion-mnist", num_classes=10)
+    placebo, placebo_info = placebo_teacher(model, info, seed=3)
+    trained, shuffled = model.state_dict(), placebo.state_dict()
+    matrix, control = trained[TEACHER_LAYER], shuffled[TEACHER_LAYER]
+    assert control.shape == matrix.shape and not torch.equal(control, matrix)
+    assert torch.equal(control.flatten().sort().values, matrix.flatten().sort().values)
+    assert all(torch.equal(trained[k], shuffled[k]) for k in trained if k != TEACHER_LAYER)
+    assert placebo_info.source == "placebo" and placebo_info.sha256 == state_checksum(shuffled)
+    assert torch.equal(placebo_teacher(model, info, seed=3)[0].state_dict()[TEACHER_LAYER], control)
+    assert not any(p.requires_grad for p in placebo.parameters())

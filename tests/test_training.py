@@ -7,7 +7,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmergenet.models import build_student
-from fedmergenet.training import evaluate, make_optimizer, make_scheduler, train_epoch
+from fedmergenet.training import (
+    bn_statistics,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    pool_bn_statistics,
+    recalibrate_bn,
+    train_epoch,
+)
 
 CPU = torch.device("cpu")
 
@@ -65,6 +73,32 @@ def test_training_epochs_lower_the_loss_of_the_real_student():
     optimizer = make_optimizer(model, lr=0.05)
     losses = [train_epoch(model, loader, optimizer, CPU, progress=False) for _ in range(3)]
     assert losses[-1] < losses[0] * 0.95, losses
+
+
+def test_recalibrated_batchnorm_statistics_are_the_datas_exact_moments():
+    """After recalibrate_bn the first BatchNorm's running mean and variance are the exact per-channel
+    moments of the convolution outputs over the whole loader, not a momentum average."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    data = tiny_batch(n=24)
+    recalibrate_bn(model, DataLoader(data, batch_size=8), CPU)
+    with torch.no_grad():
+        outputs = model[0](data.tensors[0]).transpose(0, 1).reshape(4, -1)
+    stats = bn_statistics(model)
+    assert set(stats) == {"1.running_mean", "1.running_var"}
+    assert torch.allclose(stats["1.running_mean"], outputs.mean(dim=1), atol=1e-5)
+    assert torch.allclose(stats["1.running_var"], outputs.var(dim=1), rtol=1e-3)
+
+
+def test_pooled_statistics_are_those_of_the_union_of_the_clients_data():
+    """Two clients' means and variances, pooled by their sizes, equal the moments of their union."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 30, generator=g), torch.randn(4, 10, generator=g) * 2 + 1
+    client = lambda x: {"bn.running_mean": x.mean(1), "bn.running_var": x.var(1, unbiased=False)}  # noqa: E731
+    pooled = pool_bn_statistics([client(a), client(b)], weights=[30, 10])
+    union = torch.cat([a, b], dim=1)
+    assert torch.allclose(pooled["bn.running_mean"], union.mean(1), atol=1e-6)
+    assert torch.allclose(pooled["bn.running_var"], union.var(1, unbiased=False), atol=1e-5)
 
 
 def test_evaluate_reports_loss_top1_top5_and_examples():

@@ -333,11 +333,14 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    augment: bool | None = None,
 ) -> DataLoader:
-    """Batches of (float [B, 3, 32, 32], int64 [B]); train order and augmentation follow `seed`."""
+    """Batches of (float [B, 3, 32, 32], int64 [B]); train order and augmentation follow `seed`.
+
+    `train` shuffles each epoch and, unless `augment` is False, augments."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    dataset = TensorImageDataset(ds, indices, train)
+    dataset = TensorImageDataset(ds, indices, train if augment is None else train and augment)
     sampler = None
     if train:
         sampler = _SeededShuffleSampler(len(dataset), torch.Generator().manual_seed(seed))

@@ -6,6 +6,7 @@ LR schedule, for the same number of epochs over the data as the federated runs."
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..flower.task import client_partitions, initial_student, test_loader, train
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER
 from ..results import append_metrics, library_versions, read_metrics, write_summary
-from ..teacher import load_teacher, random_teacher
+from ..teacher import teacher_for_run
 from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
 
 
@@ -41,20 +42,34 @@ class FusionHooks:
     step: int = 0
     fused: torch.Tensor | None = None
     epoch_fusions: int = 0
+    epoch_skipped: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_shifts: list[float] = field(default_factory=list)
 
     def before(self, _batch: int, _images: torch.Tensor, _labels: torch.Tensor) -> None:
         if self.step % self.every == 0:
             self.fused = self.unit.fuse(self.layer.detach())
+            if self.fused is None:
+                self.epoch_skipped += 1
+                warnings.warn(f"step {self.step}: fusion skipped, the adapter's output is not finite; "
+                              "the layer is kept", stacklevel=2)
+                return
             with torch.no_grad():
                 self.layer.copy_(self.fused)
             self.epoch_fusions += 1
+            self.epoch_shifts.append(self.unit.last_shift)
 
     def after(self, _batch: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         if self.teacher is not None and self.teacher_optimizer is not None:
             self._train_teacher(images, labels)
         if self.fused is not None:
-            self.epoch_losses.append(self.unit.learn(self.fused, self.layer.detach()))
+            loss = self.unit.learn(self.fused, self.layer.detach())
+            if loss is None:
+                self.epoch_skipped += 1
+                warnings.warn(f"step {self.step}: adapter update skipped, its gradient or the layer is not finite",
+                              stacklevel=2)
+            else:
+                self.epoch_losses.append(loss)
             self.fused = None
         self.step += 1
 
@@ -65,15 +80,23 @@ class FusionHooks:
         self.teacher_optimizer.step()
         self.unit.set_teacher(self.teacher.state_dict()[TEACHER_LAYER])
 
-    def end_epoch(self) -> tuple[int, float | None]:
-        count, losses = self.epoch_fusions, self.epoch_losses
-        self.epoch_fusions, self.epoch_losses = 0, []
-        return count, (float(np.mean(losses)) if losses else None)
+    def end_epoch(self) -> dict:
+        """This epoch's fusion counts for its metrics row, then reset."""
+        row = {
+            "fusion_applied": self.epoch_fusions,
+            "fusion_skipped": self.epoch_skipped,
+            "adapter_loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
+            "fusion_shift": float(np.mean(self.epoch_shifts)) if self.epoch_shifts else None,
+            "gate": self.unit.gate_value,
+            "layer_std": float(self.layer.detach().std()),
+        }
+        self.epoch_fusions, self.epoch_skipped, self.epoch_losses, self.epoch_shifts = 0, 0, [], []
+        return row
 
 
 def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, echo: bool = True) -> Path:
     cfg = validate(cfg)
-    arm = "central_mergenet" if mergenet else "central"
+    arm = cfg.central_arm if mergenet else "central"
     out = Path(cfg.output_dir or f"results/{arm}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -85,20 +108,22 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
     tests = test_loader(cfg)
     model = initial_student(cfg).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
-    epochs = cfg.rounds * cfg.local_epochs  # the federated arms' budget of passes over the data
+    scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma)
+    epochs = cfg.total_epochs  # the federated arms' budget of passes over the data
     hooks, teacher_info = None, None
     if mergenet:
         hooks, teacher_info = _fusion_hooks(cfg, model, dataset.num_classes, epochs * len(loader), cotrain_teacher, device)
     start = time.time()
-    append_metrics(out, _row(0, evaluate(model, tests, device), 0, None, time.time() - start))
+    append_metrics(out, _row(0, evaluate(model, tests, device), {}, time.time() - start))
     for epoch in range(1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
         loss = train_epoch(model, loader, optimizer, device, desc=f"{arm} epoch {epoch}/{epochs}",
                            before_step=hooks.before if hooks else None, after_step=hooks.after if hooks else None)
         scheduler.step()
-        fusions, adapter_loss = hooks.end_epoch() if hooks else (0, None)
+        fusion = hooks.end_epoch() if hooks else {}
         result = evaluate(model, tests, device)
-        append_metrics(out, {**_row(epoch, result, fusions, adapter_loss, time.time() - start), "train_loss": loss})
+        append_metrics(out, {**_row(epoch, result, fusion, time.time() - start), "train_loss": loss,
+                             "lr": lr})
         if echo:
             print(f"{arm} epoch {epoch}/{epochs}: train loss {loss:.4f}, test top-1 {100 * result.top1:.2f}%", flush=True)
     torch.save(model.cpu().state_dict(), out / "final_model.pt")
@@ -108,10 +133,8 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
 
 def _fusion_hooks(cfg: RunConfig, model: torch.nn.Module, num_classes: int, total_steps: int, cotrain: bool,
                   device: torch.device) -> tuple[FusionHooks, dict]:
-    if cfg.random_teacher:
-        teacher, info = random_teacher(dataset=cfg.dataset, num_classes=num_classes, seed=cfg.seed)
-    else:
-        teacher, info = load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=num_classes)
+    teacher, info = teacher_for_run(path=cfg.teacher_path(), dataset=cfg.dataset, num_classes=num_classes,
+                                    random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
     layer = dict(model.named_parameters())[STUDENT_LAYER]
     unit = KnowledgeFusionUnit(teacher.state_dict()[TEACHER_LAYER], tuple(layer.shape), cfg.adapter(),
                                total_updates=max(1, total_steps // cfg.fusion_batches), device=cfg.server_device,
@@ -125,15 +148,19 @@ def _fusion_hooks(cfg: RunConfig, model: torch.nn.Module, num_classes: int, tota
     return hooks, {**info.as_dict(), "cotrained": cotrain}
 
 
-def _row(epoch: int, result, fusions: int, adapter_loss: float | None, wall: float) -> dict:
+def _row(epoch: int, result, fusion: dict, wall: float) -> dict:
     return {
         "epoch": epoch,
         "epoch_equiv": epoch,
         "test_top1": result.top1,
         "test_top5": result.top5,
         "test_loss": result.loss,
-        "fusion_applied": fusions,
-        "adapter_loss": adapter_loss,
+        "fusion_applied": fusion.get("fusion_applied", 0),
+        "fusion_skipped": fusion.get("fusion_skipped", 0),
+        "adapter_loss": fusion.get("adapter_loss"),
+        "gate": fusion.get("gate"),
+        "fusion_shift": fusion.get("fusion_shift"),
+        "layer_std": fusion.get("layer_std"),
         "wall_time_s": wall,
         "bytes_down": 0,
         "bytes_up": 0,
@@ -153,11 +180,12 @@ def _summary(cfg: RunConfig, arm: str, out: Path, wall: float, teacher: dict | N
         "best_top5": max(r["test_top5"] for r in rows),
         "final_top5": rows[-1]["test_top5"],
         "fusion_rounds": sum(r["fusion_applied"] for r in rows),
+        "fusion_skipped": sum(r.get("fusion_skipped", 0) for r in rows),
         "bytes_total": 0,
         "bytes_per_round": 0,
         "wall_time_s": wall,
         "teacher": teacher or {"source": "none"},
         "cotrain_teacher": cotrain,
-        "config": {**cfg.to_run_config(), "fusion": arm == "central_mergenet"},
+        "config": {**cfg.to_run_config(), "fusion": arm != "central"},
         "versions": library_versions(),
     }

@@ -69,7 +69,8 @@ def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
     except ValueError:
         summary = {}
     if status != "finished:completed" or summary.get("status") != "completed":
-        reason = summary.get("error") or f"Flower reports the run as {status}"
+        reason = summary.get("error") or (f"Flower reports the run as {status}" if summary or status != "finished:completed"
+                                          else "the ServerApp stopped before writing a summary")
         raise runtime.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
     return out
 

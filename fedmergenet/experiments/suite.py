@@ -1,24 +1,32 @@
-"""The comparison suite: four arms with the same data, seed and budget of epochs, then the report."""
+"""The comparison suite: six arms with the same data, seed and budget of epochs, then the report.
+
+Each MergeNet arm has a placebo: the same fusion from the teacher with its fused matrix
+shuffled, so a gain can be credited to the teacher's knowledge only if the trained teacher
+beats its placebo by more than the spread over seeds (see report.teacher_credit).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import RunConfig
-from .baseline import run_central
+from ..results import ARMS as SUITE_ARMS
+from .baseline import run_central, union_of_client_data
+from .estimate import Estimate, estimate_suite
 from .federated import run_simulation
-from .teacher import ensure_teacher
-
-SUITE_ARMS = ("central", "central_mergenet", "fedavg", "fedavg_mergenet")
+from .teacher import ensure_teacher, teacher_data_config
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
               compare: bool = True, echo: bool = True) -> Path:
     """Run every arm for every seed under ``root/seed<k>/<arm>``; returns the report folder."""
+    if echo:
+        print(suite_estimate(cfg, len(seeds)).describe(), flush=True)
     ensure_teacher(cfg, echo=echo)  # one teacher for every arm and seed: the comparison's constant
     for seed in seeds:
         for arm in SUITE_ARMS:
-            arm_cfg = cfg.replace(seed=seed, output_dir=str(root / f"seed{seed}" / arm), fusion=arm.endswith("mergenet"))
+            arm_cfg = cfg.replace(seed=seed, output_dir=str(root / f"seed{seed}" / arm),
+                                  fusion=arm not in ("central", "fedavg"), placebo_teacher=arm.endswith("placebo"))
             if echo:
                 print(f"\n=== {arm} (seed {seed}) -> {arm_cfg.output_dir}", flush=True)
             if arm.startswith("central"):
@@ -33,3 +41,13 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     if echo:
         print(f"\nReport: {report.path}\n{report.conclusion}", flush=True)
     return report.path
+
+
+def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
+    from ..flower.task import test_set, train_set
+
+    teacher_images = 0
+    if not cfg.random_teacher and not cfg.teacher_path().is_file():
+        teacher_images = len(train_set(teacher_data_config(cfg)))
+    return estimate_suite(cfg, seeds, train_images=len(union_of_client_data(cfg)), test_images=len(test_set(cfg)),
+                          num_classes=train_set(cfg).num_classes, teacher_images=teacher_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -12,22 +13,34 @@ from ..data import make_loader
 from ..flower.task import test_loader, train_set
 from ..models import build_teacher
 from ..teacher import save_teacher
-from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
+from ..training import evaluate, make_optimizer, pick_device, seed_everything, train_epoch
 
 
-class WarmUp:
-    """Linear learning-rate warm-up over the first epoch, as the CIFAR-100 training code of
-    these models does: a ResNet50 from scratch is unstable at full rate in its first steps."""
+class WarmupCosine:
+    """Per-step learning rate: linear warm-up (a ResNet50 from scratch is unstable at full rate
+    in its first steps), then cosine to zero, so even a one-epoch teacher ends annealed."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> None:
         self.optimizer = optimizer
-        self.steps = max(1, steps)
+        self.total = max(1, steps_per_epoch * epochs)
+        self.warmup = max(1, min(steps_per_epoch, self.total // 10))
         self.base = [group["lr"] for group in optimizer.param_groups]
+        self.step = 0
 
-    def __call__(self, step: int, _images: torch.Tensor, _labels: torch.Tensor) -> None:
-        factor = min(1.0, (step + 1) / self.steps)
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / max(1, self.total - self.warmup)))
+
+    def __call__(self, _batch: int, _images: torch.Tensor, _labels: torch.Tensor) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base):
-            group["lr"] = base * factor
+            group["lr"] = base * self.factor(self.step)
+        self.step += 1
+
+
+def teacher_data_config(cfg: RunConfig) -> RunConfig:
+    """The run's config with the teacher's share of the training set as its train_limit."""
+    return cfg if cfg.teacher_train_limit < 0 else cfg.replace(train_limit=cfg.teacher_train_limit)
 
 
 def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True) -> Path:
@@ -36,22 +49,22 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
     path = Path(path or cfg.teacher_path())
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    dataset = train_set(cfg)
-    loader = make_loader(dataset, None, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda")
+    dataset = train_set(teacher_data_config(cfg))
+    # One pass shows each image once: augmentation, a regulariser across epochs, would only slow it.
+    loader = make_loader(dataset, None, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda",
+                         augment=cfg.teacher_epochs > 1)
     model = build_teacher(num_classes=dataset.num_classes).to(device)
     optimizer = make_optimizer(model, cfg.teacher_lr, cfg.momentum, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma)
-    warmup = WarmUp(optimizer, steps=len(loader))
+    schedule = WarmupCosine(optimizer, steps_per_epoch=len(loader), epochs=cfg.teacher_epochs)
     start = time.time()
     for epoch in range(1, cfg.teacher_epochs + 1):
         loss = train_epoch(model, loader, optimizer, device, desc=f"teacher epoch {epoch}/{cfg.teacher_epochs}",
-                           before_step=warmup if epoch == 1 else None)
-        scheduler.step()
+                           before_step=schedule)
         if echo:
             print(f"teacher epoch {epoch}/{cfg.teacher_epochs}: train loss {loss:.4f}", flush=True)
     result = evaluate(model, test_loader(cfg), device, desc="teacher eval")
     save_teacher(model.cpu(), path, dataset=cfg.dataset, epochs=cfg.teacher_epochs, test_top1=result.top1,
-                 extra={"train_limit": cfg.train_limit, "seed": cfg.seed, "train_seconds": time.time() - start})
+                 extra={"train_limit": len(dataset), "seed": cfg.seed, "train_seconds": time.time() - start})
     if echo:
         print(f"teacher saved to {path} (test top-1 {100 * result.top1:.2f}%, {time.time() - start:.0f} s)", flush=True)
     return path

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from ..config import RunConfig
 from ..training import evaluate as evaluate_model
-from ..training import make_optimizer, make_scheduler, pick_device, train_epoch
+from ..training import bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn, train_epoch
 from .task import client_data, global_epoch, load_arrays, new_student
 
 app = ClientApp()
@@ -39,7 +39,8 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
     """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch."""
     data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.milestones, cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
+    start = global_epoch(cfg, server_round)
+    scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=start)
     loss = float("nan")
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
@@ -68,16 +69,24 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the local validation split; when the server asks, first
+    recompute its BatchNorm statistics on the local training split and send them back."""
     cfg, partition_id, num_partitions, device = _setup(msg, context)
     model = new_student(cfg)
     load_arrays(model, msg.content["arrays"])
     model.to(device)
     data = client_data(cfg, partition_id, num_partitions, pin_memory=device.type == "cuda")
+    content = RecordDict()
+    if bool(msg.content["config"].get("recalibrate-bn", False)):
+        recalibrate_bn(model, data.train, device)
+        content["bn"] = ArrayRecord(bn_statistics(model.cpu()))
+        model.to(device)
     result = evaluate_model(model, data.val, device)
-    metrics = MetricRecord({
+    content["metrics"] = MetricRecord({
         "eval-loss": result.loss,
         "eval-top1": result.top1,
         "eval-top5": result.top5,
         "num-examples": max(result.examples, 1),
+        "train-examples": data.num_train,
     })
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=content, reply_to=msg)

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, state_checksum
 from ..results import append_metrics, library_versions, rewrite_metrics, read_metrics, write_summary
-from ..teacher import load_teacher, random_teacher
+from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .state import ServerState, load_state, save_state
 from .strategy import FedMergeNet, NodeWaitTimeout, RoundLog, spec_of
@@ -40,7 +40,8 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
         fraction, minimum = cfg.clients_per_round / cfg.num_clients, cfg.clients_per_round
     return {
         "fraction_train": fraction,
-        "fraction_evaluate": 0.0 if cfg.skip_federated_eval else fraction,
+        # The evaluate phase also carries BatchNorm recalibration.
+        "fraction_evaluate": 0.0 if cfg.skip_federated_eval and not cfg.recalibrate_bn else fraction,
         "min_train_nodes": minimum,
         "min_evaluate_nodes": minimum,
         "min_available_nodes": cfg.min_available,
@@ -59,10 +60,12 @@ class FederatedRun:
         self.device = pick_device(cfg.server_device)
         self.num_classes = train_set(cfg).num_classes
         # The teacher is loaded first: a bad checkpoint stops the run before any client trains.
-        if cfg.random_teacher:
-            self.teacher, self.teacher_info = random_teacher(dataset=cfg.dataset, num_classes=self.num_classes, seed=cfg.seed)
-        else:
-            self.teacher, self.teacher_info = load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes)
+        # Plain FedAvg needs none.
+        self.teacher, self.teacher_info = None, None
+        if cfg.fusion:
+            self.teacher, self.teacher_info = teacher_for_run(
+                path=cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes,
+                random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
         self.test_loader = test_loader(cfg)
         self.student = initial_student(cfg)
         self.fusion_unit = self._fusion_unit() if cfg.fusion else None
@@ -73,6 +76,7 @@ class FederatedRun:
             fusion_frequency=cfg.fusion_frequency,
             max_examples=len(train_set(cfg)),
             node_wait_timeout=cfg.node_wait_timeout,
+            recalibrate_bn=cfg.recalibrate_bn,
             **sampling(cfg),
         )
         self.best_top1 = -1.0
@@ -96,7 +100,8 @@ class FederatedRun:
         result = evaluate(self.student, self.test_loader, self.device, desc=f"server eval round {server_round}")
         eval_ms = 1000 * (time.perf_counter() - start)
         self.student.cpu()
-        row = self.row(server_round, result, self.strategy.round_log(server_round)) | {"server_eval_ms": eval_ms}
+        row = self.row(server_round, result, self.strategy.round_log(server_round)) | {
+            "server_eval_ms": eval_ms, "layer_std": float(arrays[STUDENT_LAYER].numpy().std())}
         append_metrics(self.out, row)
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
@@ -120,10 +125,13 @@ class FederatedRun:
             "fed_eval_top1": log_.evaluate_metrics.get("eval-top1"),
             "fed_eval_loss": log_.evaluate_metrics.get("eval-loss"),
             "fusion_applied": log_.fusion_applied,
+            "fusion_skipped": log_.fusion_skipped,
+            "bn_recalibrated": log_.bn_recalibrated,
             "adapter_learned": log_.learned,
             "adapter_loss": log_.adapter_loss,
             "adapter_lr": log_.adapter_lr,
             "gate": log_.gate,
+            "fusion_shift": log_.fusion_shift,
             "fusion_ms": log_.fusion_ms,
             "aggregate_ms": log_.aggregate_ms,
             "sampled": log_.sampled_train,
@@ -162,12 +170,13 @@ class FederatedRun:
             "best_top5": max((r["test_top5"] for r in rows), default=None),
             "final_top5": rows[-1]["test_top5"] if rows else None,
             "fusion_rounds": sum(r["fusion_applied"] for r in done),
+            "fusion_skipped": sum(r.get("fusion_skipped", 0) for r in done),
             # Rounds that kept the previous model (every reply lost, late or rejected).
             "rounds_without_update": sum(r["round_status"] != "ok" for r in done),
             "bytes_total": bytes_total,
             "bytes_per_round": bytes_total / len(done) if done else 0,
             "wall_time_s": time.time() - self.start,
-            "teacher": self.teacher_info.as_dict(),
+            "teacher": self.teacher_info.as_dict() if self.teacher_info else {"source": "none"},
             "adapter_parameters": self.fusion_unit.num_parameters if self.fusion_unit else 0,
             "config": self.cfg.to_run_config(),
             "versions": library_versions(),
@@ -199,7 +208,7 @@ class FederatedRun:
             return
         self.round_offset = done
         self.strategy.round_offset = done
-        teacher_before = state_checksum(self.teacher.state_dict())
+        teacher_before = state_checksum(self.teacher.state_dict()) if self.teacher else None
         status, error = "completed", None
         try:
             result = self.strategy.start(
@@ -215,7 +224,7 @@ class FederatedRun:
         except NodeWaitTimeout as exc:
             status, error = "stopped", str(exc)
             log(ERROR, "Stopped: %s (results so far are in %s)", exc, self.out)
-        if state_checksum(self.teacher.state_dict()) != teacher_before:
+        if self.teacher and state_checksum(self.teacher.state_dict()) != teacher_before:
             raise RuntimeError("the teacher changed during the run")  # a bug, never a user error
         write_summary(self.out, self.summary(status=status, error=error))
         log(INFO, "Results: %s", self.out)

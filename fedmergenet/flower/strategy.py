@@ -9,6 +9,10 @@ knowledge into one layer of the average, and learn from where training took that
 4. fuses: from ``fusion_start_round`` every ``fusion_frequency`` rounds, the average's
    ``stage6.2.residual.6.weight`` is replaced by the adapter's fused layer. Every other
    tensor, BatchNorm buffers included, passes through untouched.
+
+Then the evaluate phase (``recalibrate_bn``): the clients recompute the new global model's
+BatchNorm statistics on their training data and ``aggregate_evaluate`` pools them into it,
+before the server evaluates it and sends it into the next round.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
+from ..training import pool_bn_statistics
 from .task import record_bytes
 
 
@@ -46,12 +51,15 @@ class RoundLog:
     failures: int = 0
     rejected: int = 0
     rejections: list[str] = field(default_factory=list)
+    bn_recalibrated: int = 0
     aggregated: bool = False
     fusion_applied: int = 0
+    fusion_skipped: int = 0
     learned: int = 0
     adapter_loss: float | None = None
     adapter_lr: float | None = None
     gate: float | None = None
+    fusion_shift: float | None = None
     fusion_ms: float = 0.0
     aggregate_ms: float = 0.0
     bytes_down: int = 0
@@ -99,6 +107,26 @@ def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) ->
     return None
 
 
+def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
+    """Why an evaluate reply's BatchNorm statistics must not be pooled, or None when sound."""
+    if "bn" not in msg.content.array_records or len(msg.content.metric_records) != 1:
+        return "no BatchNorm statistics"
+    examples = next(iter(msg.content.metric_records.values())).get("train-examples")
+    if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not 0 < examples <= max_examples:
+        return f"train-examples is {examples!r}"
+    arrays = msg.content["bn"]
+    expected = {name for name in spec if name.endswith(("running_mean", "running_var"))}
+    if set(arrays) != expected:
+        return "BatchNorm statistics do not match the model's"
+    for name, array in arrays.items():
+        values = array.numpy()
+        if tuple(values.shape) != spec[name].shape or str(values.dtype) != spec[name].dtype:
+            return f"{name} has shape {tuple(values.shape)} and dtype {values.dtype}"
+        if not np.isfinite(values).all() or (name.endswith("running_var") and (values < 0).any()):
+            return f"{name} is not finite, or a variance is negative"
+    return None
+
+
 class FedMergeNet(FedAvg):
     """FedAvg whose aggregate is fused with teacher knowledge by a learning adapter."""
 
@@ -112,9 +140,14 @@ class FedMergeNet(FedAvg):
         max_examples: int = 10**8,
         node_wait_timeout: float = 300.0,
         target: str = STUDENT_LAYER,
+        recalibrate_bn: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        self.recalibrate_bn = recalibrate_bn
+        # The global model the evaluate phase was sent: its BatchNorm statistics are replaced in
+        # place by the clients' recomputed ones, before the server evaluates it and sends it on.
+        self._evaluated: ArrayRecord | None = None
         self.spec = spec
         self.fusion_unit = fusion_unit
         self.fusion_start_round = fusion_start_round
@@ -164,6 +197,8 @@ class FedMergeNet(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         self.wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        config["recalibrate-bn"] = self.recalibrate_bn
+        self._evaluated = arrays
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
         log_.sampled_evaluate = len(messages)
@@ -209,6 +244,7 @@ class FedMergeNet(FedAvg):
             log_.fusion_ms = 1000 * (time.perf_counter() - start)
         metrics = metrics if metrics is not None else MetricRecord()
         metrics["fusion-applied"] = log_.fusion_applied
+        metrics["fusion-skipped"] = log_.fusion_skipped
         metrics["fusion-ms"] = log_.fusion_ms
         if log_.adapter_loss is not None:
             metrics["adapter-loss"] = log_.adapter_loss
@@ -221,16 +257,26 @@ class FedMergeNet(FedAvg):
         average = torch.from_numpy(arrays[self.target].numpy().copy())
         if self.pending_fused is not None:
             log_.adapter_loss = unit.learn(self.pending_fused, average)
-            log_.learned = 1
             self.pending_fused = None
+            if log_.adapter_loss is None:
+                log_.fusion_skipped += 1
+                log(WARNING, "Round %s: adapter update skipped, its gradient is not finite", server_round)
+            else:
+                log_.learned = 1
         if self.fuses_in(server_round):
             fused = unit.fuse(average)
-            arrays[self.target] = Array(fused.numpy())
-            self.pending_fused = fused
-            log_.fusion_applied = 1
-            log(INFO, "Round %s: fused %s with the teacher (gate %.4g)", server_round, self.target, float(unit.gate.detach()))
+            if fused is None:
+                log_.fusion_skipped += 1
+                log(WARNING, "Round %s: fusion skipped, the adapter's output is not finite; the average is kept",
+                    server_round)
+            else:
+                arrays[self.target] = Array(fused.numpy())
+                self.pending_fused = fused
+                log_.fusion_applied = 1
+                log_.fusion_shift = unit.last_shift
+                log(INFO, "Round %s: fused %s with the teacher (gate %s)", server_round, self.target, unit.gate_value)
         log_.adapter_lr = unit.lr
-        log_.gate = float(unit.gate.detach())
+        log_.gate = unit.gate_value
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
@@ -239,4 +285,25 @@ class FedMergeNet(FedAvg):
         log_ = self.round_log(server_round)
         log_.evaluate_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         log_.evaluate_metrics["replies"] = float(sum(not m.has_error() for m in replies))
+        if self.recalibrate_bn and self._evaluated is not None:
+            log_.bn_recalibrated = self.recalibrate(server_round, replies, self._evaluated)
         return metrics
+
+    def recalibrate(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> int:
+        """Pool the clients' recomputed BatchNorm statistics into ``arrays``; returns how many
+        clients contributed. Replies without sound statistics are left out, with a warning."""
+        stats, weights = [], []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            reason = check_statistics(msg, self.spec, self.max_examples)
+            if reason is not None:
+                log(WARNING, "Round %s: BatchNorm statistics of node %s left out: %s",
+                    server_round, msg.metadata.src_node_id, reason)
+                continue
+            stats.append(msg.content["bn"].to_torch_state_dict())
+            weights.append(float(next(iter(msg.content.metric_records.values()))["train-examples"]))
+        if stats:
+            for name, tensor in pool_bn_statistics(stats, weights).items():
+                arrays[name] = Array(tensor.numpy())
+        return len(stats)

@@ -1,0 +1,93 @@
+"""How long a suite will take, said before it starts: a few timed training steps on this
+machine, scaled by the work the suite's arms will do."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig
+from ..fusion import KnowledgeFusionUnit
+from ..models import STUDENT_LAYER, build_student, build_teacher
+from ..training import make_optimizer, pick_device, preferred_memory_format
+
+# Fixed costs of a simulation run on the 2-core CPU machine these were measured on (quick
+# suite, README): before its first round and after its last (SuperLink, `flwr run`, Ray, the
+# app processes importing torch), and per round (messages, each client loading the model,
+# the evaluate phase with BatchNorm recalibration, the resumable checkpoint).
+SIMULATION_START_S = 35.0
+FEDERATED_ROUND_S = 8.0
+# Evaluation is a forward pass only: about this many times training's throughput.
+EVAL_SPEEDUP = 3.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    teacher_s: float
+    per_seed_s: float
+    seeds: int
+
+    @property
+    def arms_s(self) -> float:
+        return self.per_seed_s * self.seeds
+
+    def describe(self) -> str:
+        teacher = f"teacher pretraining ~{self.teacher_s / 60:.0f} min, then " if self.teacher_s else ""
+        return (f"estimated time: {teacher}~{self.arms_s / 60:.0f} min for 6 arms x {self.seeds} seed(s) "
+                f"(~{self.per_seed_s / 60:.1f} min per seed), from timing a few steps on this machine")
+
+
+def images_per_second(model: torch.nn.Module, batch_size: int, device: torch.device, steps: int = 2) -> float:
+    """Training throughput of ``model`` on random 32x32 batches (one untimed warm-up step)."""
+    memory_format = preferred_memory_format(device)
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = make_optimizer(model, lr=0.0)
+    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    start = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def fusion_seconds(num_classes: int, cfg: RunConfig) -> float:
+    """One fuse + learn of the real layer shapes."""
+    shape = tuple(build_student(num_classes=num_classes).state_dict()[STUDENT_LAYER].shape)
+    unit = KnowledgeFusionUnit(torch.randn(num_classes, 2048), shape, cfg.adapter(), device=cfg.server_device)
+    layer = torch.randn(shape) * 0.05
+    start = time.perf_counter()
+    fused = unit.fuse(layer)
+    unit.learn(fused, layer)
+    return time.perf_counter() - start
+
+
+def estimate_suite(cfg: RunConfig, seeds: int, train_images: int, test_images: int, num_classes: int,
+                   teacher_images: int = 0) -> Estimate:
+    """Seconds for the six arms (and the teacher, when ``teacher_images`` > 0 must be trained)."""
+    device = pick_device(cfg.device)
+    with torch.random.fork_rng(devices=[]):
+        student_rate = images_per_second(build_student(num_classes=num_classes), cfg.batch_size, device)
+        fusion_s = fusion_seconds(num_classes, cfg)
+        teacher_rate = (images_per_second(build_teacher(num_classes=num_classes), cfg.batch_size, device)
+                        if teacher_images else 0.0)
+    epochs = cfg.total_epochs
+    train_s = epochs * train_images / student_rate
+    eval_s = (epochs + 1) * test_images / (EVAL_SPEEDUP * student_rate)
+    central_fusions = epochs * -(-train_images // cfg.batch_size) // cfg.fusion_batches
+    federated_fusions = max(0, cfg.rounds - cfg.fusion_start_round + 1)
+    # Federated arms also evaluate each client's validation split every round.
+    federated_eval_s = eval_s + epochs * cfg.val_fraction * train_images / (EVAL_SPEEDUP * student_rate)
+    central = train_s + eval_s
+    federated = train_s + federated_eval_s + SIMULATION_START_S + cfg.rounds * FEDERATED_ROUND_S
+    per_seed = (central + 2 * (central + central_fusions * fusion_s)
+                + federated + 2 * (federated + federated_fusions * fusion_s))
+    teacher_s = cfg.teacher_epochs * teacher_images / teacher_rate if teacher_images else 0.0
+    return Estimate(teacher_s=teacher_s, per_seed_s=per_seed, seeds=seeds)
