@@ -124,8 +124,8 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device) -
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The running means and variances of every BatchNorm, by state_dict name."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+    """The running means and variances of every BatchNorm, by state_dict name, on the CPU."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
             if name.endswith(("running_mean", "running_var"))}
 
 

@@ -39,8 +39,7 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
     """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch."""
     data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    start = global_epoch(cfg, server_round)
-    scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=start)
+    scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
     loss = float("nan")
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
@@ -79,8 +78,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if bool(msg.content["config"].get("recalibrate-bn", False)):
         recalibrate_bn(model, data.train, device)
-        content["bn"] = ArrayRecord(bn_statistics(model.cpu()))
-        model.to(device)
+        content["bn"] = ArrayRecord(bn_statistics(model))
     result = evaluate_model(model, data.val, device)
     content["metrics"] = MetricRecord({
         "eval-loss": result.loss,

@@ -79,18 +79,18 @@ def spec_of(state: dict[str, torch.Tensor]) -> dict[str, TensorSpec]:
     return {name: TensorSpec(tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in state.items()}
 
 
-def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
-    """Why a train reply must not be averaged, or None when it is sound."""
-    content = msg.content
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return "expected exactly one ArrayRecord and one MetricRecord"
-    arrays = next(iter(content.array_records.values()))
-    metrics = next(iter(content.metric_records.values()))
-    examples = metrics.get("num-examples")
+def check_count(metrics: MetricRecord, key: str, max_examples: int) -> str | None:
+    """Why a reply's example count ``key`` cannot weigh it, or None when it is sound."""
+    examples = metrics.get(key)
     if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not math.isfinite(examples):
-        return f"num-examples is {examples!r}"
+        return f"{key} is {examples!r}"
     if examples <= 0 or examples > max_examples:
-        return f"num-examples {examples} outside 1..{max_examples}"
+        return f"{key} {examples} outside 1..{max_examples}"
+    return None
+
+
+def check_arrays(arrays: ArrayRecord, spec: dict[str, TensorSpec]) -> str | None:
+    """Why ``arrays`` do not match ``spec`` name for name (shape, dtype, finite), or None."""
     missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
     if missing or extra:
         return f"tensor names differ (missing {missing[:3]}, extra {extra[:3]})"
@@ -107,24 +107,27 @@ def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) ->
     return None
 
 
+def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
+    """Why a train reply must not be averaged, or None when it is sound."""
+    content = msg.content
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return "expected exactly one ArrayRecord and one MetricRecord"
+    arrays = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    return check_count(metrics, "num-examples", max_examples) or check_arrays(arrays, spec)
+
+
 def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
     """Why an evaluate reply's BatchNorm statistics must not be pooled, or None when sound."""
-    if "bn" not in msg.content.array_records or len(msg.content.metric_records) != 1:
+    content = msg.content
+    if "bn" not in content.array_records or len(content.metric_records) != 1:
         return "no BatchNorm statistics"
-    examples = next(iter(msg.content.metric_records.values())).get("train-examples")
-    if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not 0 < examples <= max_examples:
-        return f"train-examples is {examples!r}"
-    arrays = msg.content["bn"]
-    expected = {name for name in spec if name.endswith(("running_mean", "running_var"))}
-    if set(arrays) != expected:
-        return "BatchNorm statistics do not match the model's"
-    for name, array in arrays.items():
-        values = array.numpy()
-        if tuple(values.shape) != spec[name].shape or str(values.dtype) != spec[name].dtype:
-            return f"{name} has shape {tuple(values.shape)} and dtype {values.dtype}"
-        if not np.isfinite(values).all() or (name.endswith("running_var") and (values < 0).any()):
-            return f"{name} is not finite, or a variance is negative"
-    return None
+    bn_spec = {name: s for name, s in spec.items() if name.endswith(("running_mean", "running_var"))}
+    reason = (check_count(next(iter(content.metric_records.values())), "train-examples", max_examples)
+              or check_arrays(content["bn"], bn_spec))
+    if reason is None and any((content["bn"][name].numpy() < 0).any() for name in bn_spec if name.endswith("var")):
+        return "a running variance is negative"
+    return reason
 
 
 class FedMergeNet(FedAvg):
