@@ -18,7 +18,7 @@ from ..training import make_optimizer, pick_device, preferred_memory_format
 # app processes importing torch), and per round (messages, each client loading the model,
 # the evaluate phase with BatchNorm recalibration, the resumable checkpoint).
 SIMULATION_START_S = 35.0
-FEDERATED_ROUND_S = 8.0
+FEDERATED_ROUND_S = 10.0
 # Evaluation is a forward pass only: about this many times training's throughput.
 EVAL_SPEEDUP = 3.0
 

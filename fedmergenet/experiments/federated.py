@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +86,8 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
     name = f"fedmergenet-sim-{port}"
     out = Path(cfg.output_dir)
     log_path = out / "flower.log"
-    federation = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": num_cpus_per_client}
+    federation = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": num_cpus_per_client,
+                  "init-args-num-cpus": ray_cpus(cfg, num_cpus_per_client)}
     runtime.write_connection(Path(env["FLWR_HOME"]), name, f"127.0.0.1:{port}", tls=None)
     run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
     with runtime.managed() as processes:
@@ -100,6 +102,13 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
         status = wait_status(name, run_id, env)
     runtime.remove_connection(Path(env["FLWR_HOME"]), name)
     return finish(cfg, status, log_path)
+
+
+def ray_cpus(cfg: RunConfig, num_cpus_per_client: int) -> int:
+    """CPUs Ray may hand out: enough for every sampled client of a round at once. With fewer
+    cores than clients Ray would run them in waves, leaving cores idle while the last wave
+    trains; oversubscribing lets the OS share the cores among all of them instead."""
+    return max(os.cpu_count() or 1, cfg.sample_size * num_cpus_per_client)
 
 
 def wait_status(connection: str, run_id: int, env: dict[str, str], timeout: float = 30.0) -> str:
