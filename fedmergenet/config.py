@@ -28,6 +28,10 @@ PRESETS_FILE = CONFIG_DIR / "federated_mergenet.yaml"
 DATASETS = ("cifar100", "fashion-mnist")
 DEVICES = ("cpu", "cuda", "auto")
 FUSION_MODES = ("gated", "replace")
+# Flower's Message-API strategies the server can aggregate with; MergeNet fusion wraps any of them.
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+              "krum", "bulyan")
+DP_MODES = ("none", "server-fixed", "client-fixed")
 
 
 @dataclass
@@ -72,6 +76,20 @@ class RunConfig:
     clients_per_round: int = 0  # 0 = every client
     min_clients: int = 0  # 0 = clients_per_round (or every client)
     alpha: float = 0.0  # Dirichlet label skew; 0 = IID
+    # Server strategy. 0 for server_lr / tau means the chosen strategy's own Flower default.
+    strategy: str = "fedavg"
+    server_lr: float = 0.0  # FedAvgM server_learning_rate; FedAdam / FedYogi / FedAdagrad eta
+    server_momentum: float = 0.0  # FedAvgM
+    beta1: float = 0.9  # FedAdam, FedYogi
+    beta2: float = 0.99  # FedAdam, FedYogi
+    tau: float = 0.0  # FedAdam, FedYogi, FedAdagrad: adaptivity
+    proximal_mu: float = 0.0  # FedProx: the clients add mu/2 * ||w - w_global||^2 to their loss
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut from each end
+    byzantine: int = 0  # Krum, Bulyan: number of malicious clients to tolerate
+    # Differential privacy with Flower's wrappers (server-fixed) or wrapper + fixedclipping_mod (client-fixed)
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 10.0
     # Local optimiser, as the single-machine MergeNet baseline
     lr: float = 0.1
     momentum: float = 0.9
@@ -124,15 +142,25 @@ class RunConfig:
         return resolve_milestones(self.lr_milestones, self.total_epochs if total_epochs is None else total_epochs)
 
     @property
-    def arm(self) -> str:
+    def aggregation(self) -> str:
+        """The server side of the arm's name: the strategy, and the DP mode when there is one."""
+        return self.strategy if self.dp == "none" else f"{self.strategy}-dp-{self.dp}"
+
+    @property
+    def fusion_suffix(self) -> str:
         if not self.fusion:
-            return "fedavg"
-        return "fedavg_placebo" if self.placebo_teacher else "fedavg_mergenet"
+            return ""
+        return "_placebo" if self.placebo_teacher else "_mergenet"
+
+    @property
+    def arm(self) -> str:
+        """``fedavg``, ``fedavg_mergenet``, ``fedadam-dp-server-fixed_placebo``, ..."""
+        return self.aggregation + self.fusion_suffix
 
     @property
     def central_arm(self) -> str:
         """The single-machine arm with this run's fusion setting."""
-        return {"fedavg": "central", "fedavg_mergenet": "central_mergenet", "fedavg_placebo": "central_placebo"}[self.arm]
+        return "central" + self.fusion_suffix
 
     @property
     def sample_size(self) -> int:
@@ -240,7 +268,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.round_timeout > 0 and cfg.node_wait_timeout > 0, "timeouts must be positive"),
         (cfg.fusion or not cfg.placebo_teacher, "--placebo-teacher is a fusion arm: drop --no-fusion"),
-    ]
+    ] + strategy_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -250,6 +278,52 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--lr-milestones must be fractions of the run in (0, 1) like 0.3,0.6,0.8 or whole "
                           f"epochs like 60,120,160 (got {cfg.lr_milestones!r}: {exc})") from None
     return cfg
+
+
+# Options that only one family of strategies reads, and the strategies that read them.
+STRATEGY_OPTIONS = {
+    "server_lr": ("fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "server_momentum": ("fedavgm",),
+    "beta1": ("fedadam", "fedyogi"),
+    "beta2": ("fedadam", "fedyogi"),
+    "tau": ("fedadam", "fedyogi", "fedadagrad"),
+    "proximal_mu": ("fedprox",),
+    "trim_beta": ("fedtrimmedavg",),
+    "byzantine": ("krum", "bulyan"),
+}
+
+
+def strategy_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """The strategy, its hyperparameters and DP: ranges, and combinations that cannot work."""
+    defaults = RunConfig()
+    n, f = cfg.sample_size, cfg.byzantine
+    checks = [
+        (cfg.strategy in STRATEGIES, f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
+        (cfg.dp in DP_MODES, f"unknown --dp mode {cfg.dp!r}; choose one of {', '.join(DP_MODES)}"),
+    ]
+    # A hyperparameter of another strategy would be silently ignored: say so instead.
+    checks += [(getattr(cfg, name) == getattr(defaults, name) or cfg.strategy in users,
+                f"--{key_of(name)} is a setting of {', '.join(users)}, not of --strategy {cfg.strategy}")
+               for name, users in STRATEGY_OPTIONS.items()]
+    checks += [
+        (cfg.server_lr >= 0 and cfg.tau >= 0, "--server-lr and --tau must be >= 0 (0 = the strategy's default)"),
+        (0 <= cfg.server_momentum < 1, f"--server-momentum must be in [0, 1) (got {cfg.server_momentum})"),
+        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (cfg.proximal_mu >= 0, f"--proximal-mu must be >= 0 (got {cfg.proximal_mu})"),
+        (0 <= cfg.trim_beta < 0.5, f"--trim-beta must be in [0, 0.5) (got {cfg.trim_beta})"),
+        (f >= 0, f"--byzantine must be >= 0 (got {f})"),
+        # Krum needs n > 2f + 2 replies to pick a point whose neighbours are honest; Bulyan n >= 4f + 3.
+        (cfg.strategy != "krum" or n >= 2 * f + 3,
+         f"krum with --byzantine {f} needs at least {2 * f + 3} clients per round (has {n})"),
+        (cfg.strategy != "bulyan" or n >= 4 * f + 3,
+         f"bulyan with --byzantine {f} needs at least {4 * f + 3} clients per round (has {n})"),
+    ]
+    if cfg.dp != "none":
+        checks += [
+            (cfg.dp_clipping_norm > 0, f"--dp-clipping-norm must be positive (got {cfg.dp_clipping_norm})"),
+            (cfg.dp_noise_multiplier >= 0, f"--dp-noise-multiplier must be >= 0 (got {cfg.dp_noise_multiplier})"),
+        ]
+    return checks
 
 
 # --- presets -------------------------------------------------------------------------
@@ -296,6 +370,20 @@ FLAG_HELP = {
                        "values, no knowledge)",
     "output_dir": "where metrics.jsonl, summary.json and models go",
     "device": "client training device: cpu, cuda or auto",
+    "strategy": f"server aggregation: {', '.join(STRATEGIES)} (Flower's strategies; fusion runs on their aggregate)",
+    "server_lr": "server learning rate: FedAvgM's server_learning_rate, FedAdam/FedYogi/FedAdagrad's eta "
+                 "(0 = Flower's default: 1.0 / 0.1 / 0.01 / 0.1)",
+    "server_momentum": "FedAvgM's server momentum (Flower's default 0.0)",
+    "beta1": "FedAdam/FedYogi first-moment decay (Flower's default 0.9)",
+    "beta2": "FedAdam/FedYogi second-moment decay (Flower's default 0.99)",
+    "tau": "FedAdam/FedYogi/FedAdagrad adaptivity (0 = Flower's default 1e-3)",
+    "proximal_mu": "FedProx's proximal weight mu; the clients add mu/2 * ||w - w_global||^2 (Flower's default 0.0)",
+    "trim_beta": "FedTrimmedAvg's fraction trimmed from each end (Flower's default 0.2)",
+    "byzantine": "Krum/Bulyan: malicious clients to tolerate (Flower's default 0)",
+    "dp": "differential privacy: none, server-fixed (server clips each update and adds noise) or client-fixed "
+          "(clients clip, server adds noise); fusion runs on the privatised aggregate",
+    "dp_noise_multiplier": "DP: Gaussian noise std as a multiple of the clipping norm, over the sampled clients",
+    "dp_clipping_norm": "DP: L2 norm every client update is clipped to",
 }
 
 
@@ -353,5 +441,6 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
 
 __all__ = [
     "AdapterConfig", "RunConfig", "validate", "apply_preset", "load_presets", "add_run_options",
-    "config_from_args", "key_of", "resolve_milestones", "DATASETS", "DEVICES", "FUSION_MODES",
+    "config_from_args", "key_of", "resolve_milestones", "DATASETS", "DEVICES", "FUSION_MODES", "STRATEGIES",
+    "DP_MODES",
 ]

@@ -115,13 +115,18 @@ def discover_runs(paths: Sequence[Path]) -> tuple[list[RunResult], list[tuple[Pa
 
 
 def group_by_arm(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    """Runs per arm, arms in ARMS order and runs by seed; arms without runs are left out."""
+    """Runs per arm, the suite's arms in ARMS order then others (other strategies) by name, runs
+    by seed; arms without runs are left out."""
     groups: dict[str, list[RunResult]] = {}
-    for arm in ARMS:
+    for arm in arm_order({r.arm for r in runs}):
         members = sorted((r for r in runs if r.arm == arm), key=lambda r: (r.seed, str(r.path)))
         if members:
             groups[arm] = members
     return groups
+
+
+def arm_order(arms: set[str]) -> list[str]:
+    return [a for a in ARMS if a in arms] + sorted(arms - set(ARMS))
 
 
 def duplicate_seeds(runs: Sequence[RunResult]) -> list[str]:
@@ -365,20 +370,43 @@ def paired_gaps(runs: Sequence[RunResult], arm: str, control: str) -> dict[int, 
     return {s: finals[(arm, s)] - finals[(control, s)] for s in seeds}
 
 
-def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
-    """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
-    the spread (sample std) of the paired gaps over seeds."""
-    control = PLACEBO_OF[arm]
+@dataclass(frozen=True)
+class PairedGap:
+    """``arm`` minus ``control`` in pp: the mean over paired seeds and its spread (sample std of
+    the per-seed gaps; None with one seed)."""
+
+    mean: float
+    spread: float | None
+    seeds: list[int]
+
+
+def paired_gap(runs: Sequence[RunResult], arm: str, control: str) -> PairedGap | None:
     gaps = paired_gaps(runs, arm, control)
     if not gaps:
         return None
-    mean = statistics.fmean(gaps.values()) * 100
+    spread = statistics.stdev(gaps.values()) * 100 if len(gaps) > 1 else None
+    return PairedGap(statistics.fmean(gaps.values()) * 100, spread, list(gaps))
+
+
+def placebo_of(arm: str) -> str | None:
+    """The control of a MergeNet arm (``fedadam_mergenet`` -> ``fedadam_placebo``), else None."""
+    return PLACEBO_OF.get(arm) or (arm.removesuffix("_mergenet") + "_placebo" if arm.endswith("_mergenet") else None)
+
+
+def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
+    """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
+    the spread (sample std) of the paired gaps over seeds."""
+    control = placebo_of(arm)
+    gap = paired_gap(runs, arm, control) if control else None
+    if gap is None:
+        return None
+    mean, spread = gap.mean, gap.spread
     question = f"Does the trained teacher help {arm} beyond its placebo {control}?"
-    if len(gaps) < 2:
+    if spread is None:
         return (f"{question} cannot tell: {mean:+.1f} pp on one paired seed, so the spread over seeds is "
                 "unknown and nothing is credited to the teacher.")
-    spread = statistics.stdev(gaps.values()) * 100
-    detail = f"{mean:+.1f} pp, paired over seeds {', '.join(map(str, gaps))}, spread (std of the gaps) {spread:.1f} pp"
+    seeds = ", ".join(map(str, gap.seeds))
+    detail = f"{mean:+.1f} pp, paired over seeds {seeds}, spread (std of the gaps) {spread:.1f} pp"
     if mean > spread:
         return f"{question} yes: {detail}; the gain exceeds the spread, so it is credited to the teacher's knowledge."
     if -mean > spread:
@@ -406,8 +434,27 @@ def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
     answer = _fed_vs_central(table)
     if answer:
         lines.append(answer)
-    lines += [line for arm in PLACEBO_OF if (line := teacher_credit(runs, arm))]
+    arms = arm_order({r.arm for r in runs})
+    lines += [line for arm in arms if (line := teacher_credit(runs, arm))]
+    lines += [line for arm in arms if (line := strategy_difference(runs, arm))]
     return "\n".join(lines)
+
+
+def strategy_difference(runs: Sequence[RunResult], arm: str) -> str | None:
+    """A federated arm against the FedAvg arm with the same fusion: runs that differ only in the
+    server strategy (or DP), paired by seed; a difference counts when it exceeds the spread."""
+    aggregation = arm.split("_")[0]  # arm names are <aggregation>[_mergenet|_placebo]
+    if aggregation in ("central", "fedavg"):
+        return None
+    control = "fedavg" + arm.removeprefix(aggregation)
+    gap = paired_gap(runs, arm, control)
+    if gap is None:
+        return None
+    head = f"{arm} vs {control} (only the strategy differs): {gap.mean:+.1f} pp"
+    if gap.spread is None:
+        return f"{head} on one paired seed; the spread over seeds is unknown, so no difference is claimed."
+    verdict = "a clear difference" if abs(gap.mean) > gap.spread else "within the spread, no clear difference"
+    return f"{head}, paired over seeds {', '.join(map(str, gap.seeds))}, spread {gap.spread:.1f} pp: {verdict}."
 
 
 # --------------------------------------------------------------------------- figures
@@ -620,7 +667,7 @@ def cost_markdown(table: Comparison) -> str:
 def runs_markdown(runs: Sequence[RunResult]) -> str:
     rows = [[r.arm, str(r.seed), _pct(r.summary["best_top1"]), _pct(r.summary["final_top1"]),
              str(r.summary.get("status", NA)), str(r.path)]
-            for r in sorted(runs, key=lambda r: (ARMS.index(r.arm), r.seed, str(r.path)))]
+            for r in sorted(runs, key=lambda r: (arm_order({x.arm for x in runs}).index(r.arm), r.seed, str(r.path)))]
     return _markdown_table(["arm", "seed", "best top-1 %", "final top-1 %", "status", "folder"], rows)
 
 

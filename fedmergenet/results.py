@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import DP_MODES, STRATEGIES
+
 ARMS = ("central", "central_mergenet", "central_placebo", "fedavg", "fedavg_mergenet", "fedavg_placebo")
 # Each MergeNet arm and its control: the same fusion from a teacher whose fused matrix is shuffled.
 PLACEBO_OF = {"central_mergenet": "central_placebo", "fedavg_mergenet": "fedavg_placebo"}
@@ -29,6 +31,16 @@ SUMMARY_FILE = "summary.json"
 # Keys every metrics row carries; the report relies on them.
 ROW_KEYS = ("epoch_equiv", "test_top1", "test_top5", "test_loss", "fusion_applied", "wall_time_s")
 SUMMARY_KEYS = ("arm", "best_top1", "final_top1", "config")
+
+
+def known_arm(name: str) -> bool:
+    """``central`` or a strategy (with its DP mode), then ``_mergenet`` / ``_placebo`` or nothing:
+    the names RunConfig.arm and the central baseline give."""
+    aggregation, _, fusion = name.partition("_")
+    if fusion not in ("", "mergenet", "placebo"):
+        return False
+    strategy, dp, mode = aggregation.partition("-dp-")
+    return aggregation == "central" or (strategy in STRATEGIES and (not dp or mode in DP_MODES[1:]))
 
 
 class ResultsError(ValueError):
@@ -116,7 +128,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     missing = [k for k in SUMMARY_KEYS if k not in summary]
     if missing:
         raise ResultsError(f"{path} lacks {', '.join(missing)}")
-    if summary["arm"] not in ARMS:
+    if not known_arm(str(summary["arm"])):
         raise ResultsError(f"{path} names an unknown arm {summary['arm']!r}")
     return summary
 

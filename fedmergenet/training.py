@@ -28,6 +28,22 @@ class EvalResult:
     examples: int
 
 
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al., 2020), anchored at the
+    weights local training started from."""
+
+    mu: float
+    anchor: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def at(cls, model: nn.Module, mu: float) -> Proximal:
+        return cls(mu, tuple(p.detach().clone() for p in model.parameters()))
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        return self.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), self.anchor))
+
+
 def make_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -60,12 +76,15 @@ def train_epoch(
     after_step: BatchHook | None = None,
     progress: bool | None = None,
     memory_format: torch.memory_format | None = None,
+    proximal: Proximal | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss per example."""
+    """One pass over ``loader``; returns the mean training loss per example (the data's
+    cross-entropy: a ``proximal`` term shapes the gradient but is not reported)."""
     memory_format = memory_format or preferred_memory_format(device)
     model.to(memory_format=memory_format)
     try:
-        return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format)
+        return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,
+                            proximal)
     finally:
         # Weights leave in the ordinary layout: what travels and what is saved never depends on this.
         model.to(memory_format=torch.contiguous_format)
@@ -73,7 +92,7 @@ def train_epoch(
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                  desc: str, before_step: BatchHook | None, after_step: BatchHook | None, progress: bool | None,
-                 memory_format: torch.memory_format) -> float:
+                 memory_format: torch.memory_format, proximal: Proximal | None) -> float:
     model.train()
     criterion = nn.CrossEntropyLoss()
     total_loss, total = 0.0, 0
@@ -87,7 +106,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             before_step(step, images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(images), labels)
-        loss.backward()
+        (loss + proximal(model) if proximal is not None else loss).backward()
         optimizer.step()
         if after_step is not None:
             after_step(step, images, labels)

@@ -1,5 +1,6 @@
 """Faults tried for real on loopback: malformed updates from a ClientApp that misbehaves on
-purpose, a phase that times out, a server stopped mid-run and resumed, a secured deployment
+purpose, every server strategy with fusion on and off and a huge update that only the robust
+ones keep out, a phase that times out, a server stopped mid-run and resumed, a secured deployment
 with strangers knocking and a client killed mid-round, too few clients."""
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fedmergenet.config import RunConfig
+from fedmergenet.config import STRATEGIES, RunConfig
 from fedmergenet.experiments.federated import run_simulation
+from fedmergenet.flower.task import initial_student
 from fedmergenet.flower.runtime import free_port
 from fedmergenet.results import read_metrics, read_summary
 
@@ -72,6 +75,60 @@ def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(tmp_path: Path,
     assert "no sound update" in (tmp_path / "out" / "flower.log").read_text()
     assert read_summary(tmp_path / "out")["rounds_without_update"] == 1
 
+
+
+def matrix_app(tmp_path: Path, matrix: str, clientapp: str = "fedmergenet.flower.client_app:app") -> Path:
+    """The test app running ``matrix`` (strategy:fusion pairs) in one Flower run."""
+    import tomli_w
+
+    app = tmp_path / "matrix"
+    shutil.copytree(ROOT / "tests" / "apps" / "matrix", app)
+    pyproject = app / "pyproject.toml"
+    text = pyproject.read_text().replace('"fedmergenet.flower.client_app:app"', f'"{clientapp}"')
+    pyproject.write_text(text + tomli_w.dumps(RunConfig().to_run_config() | {"matrix": matrix}))
+    return app
+
+
+def test_every_strategy_runs_two_rounds_with_fusion_on_and_off(tmp_path: Path, teacher_file: Path) -> None:
+    matrix = " ".join(f"{name}:{fusion}" for name in STRATEGIES for fusion in (0, 1))
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=48, test_limit=32, rounds=2, local_epochs=1,
+                    num_clients=3, batch_size=16, fusion_start_round=1, adapter_layers=1,
+                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
+    run_simulation(cfg, echo=False, app_dir=matrix_app(tmp_path, matrix))
+
+    for name in STRATEGIES:
+        for fusion in (False, True):
+            out = tmp_path / "out" / f"{name}-{'fusion' if fusion else 'plain'}"
+            summary = read_summary(out)
+            rows = [r for r in read_metrics(out) if r["round"] > 0]
+            assert summary["status"] == "completed", out
+            assert summary["arm"] == (f"{name}_mergenet" if fusion else name)
+            assert summary["strategy"]["name"] == name
+            assert [r["round_status"] for r in rows] == ["ok", "ok"], out
+            assert [r["fusion_applied"] for r in rows] == ([1, 1] if fusion else [0, 0]), out
+            assert all(np.isfinite(r["test_loss"]) for r in rows), out
+    assert read_summary(tmp_path / "out" / "fedavgm-plain")["strategy"]["hyperparameters"] == {
+        "server_learning_rate": 1.0, "server_momentum": 0.0}
+
+
+def test_robust_strategies_keep_a_huge_update_out_while_fedavg_takes_it_in(tmp_path: Path) -> None:
+    """Node 0 of five sends its update scaled 1000x (finite, well-formed). FedAvg's model
+    moves with it; Krum (tolerating one) and FedMedian stay where honest training took them."""
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=80, test_limit=32, rounds=1, local_epochs=1,
+                    num_clients=5, batch_size=16, fusion=False, strategy="krum", byzantine=1,
+                    output_dir=str(tmp_path / "out"))
+    run_simulation(cfg, echo=False, app_dir=matrix_app(tmp_path, "fedavg:0 fedmedian:0 krum:0", "large_client:app"))
+
+    start = initial_student(cfg).state_dict()
+    weights = [name for name in start if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+    def moved(folder: str) -> float:
+        final = torch.load(tmp_path / "out" / folder / "final_model.pt", weights_only=True)
+        return float(sum((final[k] - start[k]).pow(2).sum() for k in weights).sqrt())
+
+    honest_scale = min(moved("fedmedian-plain"), moved("krum-plain"))
+    assert moved("fedavg-plain") > 50 * honest_scale
+    assert max(moved("fedmedian-plain"), moved("krum-plain")) < 5 * honest_scale
 
 def _runner(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "run_federated_mergenet.py"), *args], cwd=ROOT,

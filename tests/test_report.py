@@ -37,7 +37,7 @@ from fedmergenet.report import (
     thresholds,
     write_report,
 )
-from fedmergenet.results import RunResult, append_metrics, write_summary
+from fedmergenet.results import RunResult, append_metrics, known_arm, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,6 +228,27 @@ def test_conclusion_says_no_clear_difference_when_seeds_overlap() -> None:
     text = conclusion(arm_table(runs))
     assert "no clear difference" in text.splitlines()[0]
     assert "yes, it matches it: +1.0 pp" in text
+
+
+def test_arms_of_other_strategies_are_compared_with_fedavg_paired_by_seed() -> None:
+    """Runs that differ only in the strategy: fedadam_mergenet against fedavg_mergenet, seed by
+    seed, and its placebo control found by name; they follow the suite's arms in the tables."""
+    runs = [make_run("fedavg_mergenet", 0, [0.5, 0.60]), make_run("fedavg_mergenet", 1, [0.5, 0.64]),
+            make_run("fedadam_mergenet", 0, [0.5, 0.70]), make_run("fedadam_mergenet", 1, [0.5, 0.75]),
+            make_run("fedadam_placebo", 0, [0.5, 0.70]), make_run("fedadam_placebo", 1, [0.5, 0.76])]
+    text = conclusion(arm_table(runs), runs)
+    assert ("fedadam_mergenet vs fedavg_mergenet (only the strategy differs): +10.5 pp, paired over seeds 0, 1, "
+            "spread 0.7 pp: a clear difference.") in text
+    assert "Does the trained teacher help fedadam_mergenet beyond its placebo fedadam_placebo? not shown" in text
+    assert list(group_by_arm(runs)) == ["fedavg_mergenet", "fedadam_mergenet", "fedadam_placebo"]
+
+
+@pytest.mark.parametrize(("name", "known"), [
+    ("central", True), ("central_placebo", True), ("fedavg", True), ("krum_mergenet", True),
+    ("fedavg-dp-server-fixed_placebo", True), ("fedavg-dp-none", False), ("fedsgd", False),
+    ("fedavg_distilled", False)])
+def test_arm_names_are_checked_when_results_are_read(name: str, known: bool) -> None:
+    assert known_arm(name) is known
 
 
 def test_conclusion_says_no_clear_difference_for_single_seeds() -> None:

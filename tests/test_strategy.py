@@ -1,7 +1,9 @@
-"""FedMergeNet.aggregate_train, by example, with train replies built by hand (no Flower run).
+"""The server's aggregation by example, with train replies built by hand (no Flower run):
+FedMergeNet (fusion over FedAvg), fusion over every other Flower strategy, their checks, and
+DP and FedProx on the client. The same strategies run for real in test_reliability.py.
 
 Replies carry real 10-class MobileNetV2 state dicts, perturbed differently per client. Without a
-fusion unit the result is FedAvg's to the bit; with one, only the target tensor changes.
+fusion unit the result is the bare strategy's to the bit; with one, only the target tensor changes.
 """
 
 from __future__ import annotations
@@ -9,14 +11,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmergenet.config import AdapterConfig
-from fedmergenet.flower.strategy import FedMergeNet, spec_of
+from fedmergenet.cli import runner_main
+from fedmergenet.config import STRATEGIES, AdapterConfig, RunConfig, validate
+from fedmergenet.errors import ConfigError
+from fedmergenet.flower.aggregation import build_strategy, describe
+from fedmergenet.flower.client_app import client_dp
+from fedmergenet.flower.server_app import sampling
+from fedmergenet.flower.strategy import FedMergeNet, MergeNetFusion, spec_of
 from fedmergenet.fusion import KnowledgeFusionUnit
 from fedmergenet.models import STUDENT_LAYER, build_student
+from fedmergenet.training import Proximal, make_optimizer, train_epoch
 
 SMALL_TARGET = "stage1.residual.6.weight"  # [16, 32, 1, 1]: a cheap layer for schedule-only tests
 
@@ -290,3 +299,128 @@ def test_a_reply_carrying_an_error_counts_as_a_failure(base_state):
     assert differing(as_numpy(arrays), fedavg(good)) == []
     log = strategy.round_log(1)
     assert (log.replies, log.failures, log.rejected, log.rejections) == (2, 1, 0, [])
+
+
+# --- fusion over any Flower strategy ---------------------------------------------------------
+
+
+class Nodes:
+    """All a strategy's configure_* asks of the Grid outside a run: who is connected."""
+
+    def get_node_ids(self) -> list[int]:
+        return [101, 102, 103]
+
+
+def two_rounds(strategy, base_state: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    """Configure and aggregate two rounds with the same hand-built replies; the aggregates."""
+    arrays, results = ArrayRecord(base_state), []
+    for server_round, seeds in ((1, (1, 2, 3)), (2, (4, 5, 6))):
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), Nodes()))
+        np.random.seed(server_round)  # the DP wrappers draw their noise from numpy's global generator
+        arrays, _ = strategy.aggregate_train(server_round, sound_replies(base_state, seeds=seeds,
+                                                                          examples=(10, 20, 30)))
+        results.append({name: array.numpy() for name, array in arrays.items()})
+    return results
+
+
+@pytest.fixture(scope="module")
+def small_state() -> dict[str, torch.Tensor]:
+    """A model with a BatchNorm (and its integer counter) small enough to aggregate many times."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4)).state_dict()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_without_fusion_every_strategy_aggregates_exactly_as_flowers_own(name, small_state):
+    """The wrapper screens, hands over, and changes nothing: Flower's bare strategy gives the
+    same tensors, value for value (integer buffers come back as float64, as FedAvg returns them)."""
+    cfg = RunConfig(strategy=name, num_clients=3)
+    bare = two_rounds(build_strategy(cfg, sampling(cfg)), small_state)
+    wrapped = two_rounds(MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(small_state)), small_state)
+    for ours, flowers in zip(wrapped, bare):
+        assert list(ours) == list(flowers) == list(small_state)
+        for key in ours:
+            assert np.array_equal(ours[key], flowers[key]), (name, key)
+            assert ours[key].dtype == flowers[key].dtype or "num_batches_tracked" in key
+
+
+def test_fusion_rewrites_only_its_layer_of_the_strategys_aggregate(base_state):
+    """Over FedMedian: the fused aggregate is the median with one layer replaced."""
+    cfg = RunConfig(strategy="fedmedian", num_clients=3)
+    bare = two_rounds(build_strategy(cfg, sampling(cfg)), base_state)
+    unit = fusion_unit(base_state[SMALL_TARGET].shape)
+    fused = two_rounds(MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(base_state), fusion_unit=unit,
+                                      fusion_start_round=2, target=SMALL_TARGET), base_state)
+    assert [k for k in fused[0] if not np.array_equal(fused[0][k], bare[0][k])] == []
+    assert [k for k in fused[1] if not np.array_equal(fused[1][k], bare[1][k])] == [SMALL_TARGET]
+
+
+def test_server_side_dp_clips_every_update_before_fusion_sees_the_aggregate(base_state):
+    """Flower's own wrapper, with no noise: each update is clipped to the norm, so the aggregate
+    moved at most that far, BatchNorm's integer counters included without a type error."""
+    cfg = RunConfig(num_clients=3, dp="server-fixed", dp_noise_multiplier=0.0, dp_clipping_norm=0.5)
+    strategy = MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(base_state))
+    list(strategy.configure_train(1, ArrayRecord(base_state), ConfigRecord(), Nodes()))
+    arrays, _ = strategy.aggregate_train(1, sound_replies(base_state, seeds=(1, 2, 3), examples=(10, 20, 30)))
+    moved = np.sqrt(sum(((arrays[k].numpy() - base_state[k].numpy()) ** 2).sum() for k in base_state))
+    assert 0.1 < moved <= 0.5 + 1e-6
+    assert describe(cfg, strategy.strategy)["dp"] == {"mode": "server-fixed", "noise_multiplier": 0.0,
+                                                      "clipping_norm": 0.5, "sampled_clients": 3}
+
+
+def test_client_side_dp_clips_the_update_and_keeps_the_replys_dtypes(base_state):
+    """client_dp runs Flower's fixedclipping_mod around training: the reply moved at most the
+    clipping norm from what the server sent, and every tensor keeps its dtype for screening."""
+    sent = ArrayRecord(base_state)
+    msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 0.5})}),
+                  dst_node_id=101, message_type=MessageType.TRAIN)
+    trained = sound_replies(base_state, seeds=(1,))[0].content
+    context = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={"dp": "client-fixed"})
+
+    reply = client_dp(msg, context, lambda m, c: Message(trained, reply_to=m))
+    clipped = reply.content["arrays"].to_torch_state_dict()
+    assert {k: v.dtype for k, v in clipped.items()} == {k: v.dtype for k, v in base_state.items()}
+    moved = torch.sqrt(sum(((clipped[k].double() - base_state[k].double()) ** 2).sum() for k in base_state))
+    assert 0.4 < moved <= 0.5 + 1e-6  # the counters leave as they came (task.scalars_from)
+
+
+def test_fedprox_proximal_term_holds_local_training_near_the_global_model():
+    """The same epoch with a large mu ends closer to where it started than without one."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def distance_after(mu: float) -> float:
+        torch.manual_seed(0)
+        model = build_student(num_classes=10)
+        start = [p.detach().clone() for p in model.parameters()]
+        data = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), batch_size=8)
+        train_epoch(model, data, make_optimizer(model, lr=0.05), torch.device("cpu"), progress=False,
+                    proximal=Proximal.at(model, mu) if mu else None)
+        return float(sum((p.detach() - s).pow(2).sum() for p, s in zip(model.parameters(), start)).sqrt())
+
+    assert distance_after(10.0) < 0.8 * distance_after(0.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"strategy": "fedsgd"}, "unknown strategy"),
+        ({"strategy": "krum", "byzantine": 1, "num_clients": 4}, "krum with --byzantine 1 needs at least 5"),
+        ({"strategy": "bulyan", "byzantine": 1, "num_clients": 6}, "bulyan with --byzantine 1 needs at least 7"),
+        ({"strategy": "krum", "num_clients": 2}, "needs at least 3"),
+        ({"dp": "server-fixed", "dp_clipping_norm": 0.0}, "--dp-clipping-norm must be positive"),
+        ({"dp": "local"}, "unknown --dp mode"),
+        ({"proximal_mu": 0.01}, "--proximal-mu is a setting of fedprox"),
+        ({"strategy": "fedadam", "server_momentum": 0.9}, "--server-momentum is a setting of fedavgm"),
+        ({"strategy": "fedtrimmedavg", "trim_beta": 0.5}, "--trim-beta must be in"),
+    ],
+)
+def test_bad_strategy_settings_are_one_line_config_errors(changes, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        validate(RunConfig(**changes))
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_combination_exits_2_from_the_runner_before_any_work(capsys):
+    assert runner_main(["--strategy", "bulyan", "--byzantine", "1", "--num-clients", "5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bulyan" in errors[0]

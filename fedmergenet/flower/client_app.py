@@ -11,11 +11,14 @@ import time
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from ..config import RunConfig
 from ..training import evaluate as evaluate_model
-from ..training import bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn, train_epoch
-from .task import client_data, global_epoch, load_arrays, new_student
+from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn,
+                        train_epoch)
+from .task import as_float, client_data, scalars_from, global_epoch, load_arrays, new_student, with_dtypes
 
 app = ClientApp()
 
@@ -35,28 +38,55 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.d
 
 def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
                 server_round: int, device: torch.device,
-                memory_format: torch.memory_format | None = None) -> tuple[float, int]:
-    """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch."""
+                memory_format: torch.memory_format | None = None, proximal_mu: float = 0.0) -> tuple[float, int]:
+    """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch;
+    with ``proximal_mu`` > 0 (FedProx) pulled toward the global model the round started from."""
     data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
+    proximal = Proximal.at(model, proximal_mu) if proximal_mu > 0 else None
     loss = float("nan")
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
-        loss = train_epoch(model, data.train, optimizer, device, desc=desc, memory_format=memory_format)
+        loss = train_epoch(model, data.train, optimizer, device, desc=desc, memory_format=memory_format,
+                           proximal=proximal)
         scheduler.step()
     return loss, data.num_train
 
 
-@app.train()
+def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``--dp client-fixed``: Flower's fixedclipping_mod clips the update before it leaves.
+    Integer buffers pass the clipping as float64 and leave in their own dtype again; 0-d
+    counters leave as they came (see scalars_from)."""
+    if str(context.run_config.get("dp", "none")) != "client-fixed":
+        return call_next(msg, context)
+    dtypes: dict = {}
+
+    def train_as_float(msg: Message, context: Context) -> Message:
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            dtypes.update({name: array.numpy().dtype for name, array in reply.content["arrays"].items()})
+            reply.content["arrays"] = as_float(scalars_from(reply.content["arrays"], msg.content["arrays"]))
+        return reply
+
+    reply = fixedclipping_mod(msg, context, train_as_float)
+    if not reply.has_error():
+        reply.content["arrays"] = with_dtypes(reply.content["arrays"], dtypes)
+    return reply
+
+
+@app.train(mods=[client_dp])
 def train(msg: Message, context: Context) -> Message:
     cfg, partition_id, num_partitions, device = _setup(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
     model = new_student(cfg)
     load_arrays(model, msg.content["arrays"])
     model.to(device)
     start = time.perf_counter()
-    loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device)
+    # FedProx sends its mu with every train message, as Flower's FedProx documents.
+    loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device,
+                                  proximal_mu=float(config.get("proximal-mu", 0.0)))
     metrics = MetricRecord({
         "train-loss": loss,
         "num-examples": num_train,

@@ -1,4 +1,4 @@
-"""The ServerApp: load the frozen teacher, run FedAvg + MergeNet, evaluate every round and
+"""The ServerApp: load the frozen teacher, run the chosen Flower strategy with MergeNet fusion, evaluate every round and
 write the results as data (metrics.jsonl per round, summary.json, models, resumable state)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..results import append_metrics, library_versions, rewrite_metrics, read_me
 from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .state import ServerState, load_state, save_state
-from .strategy import FedMergeNet, NodeWaitTimeout, RoundLog, spec_of
+from .aggregation import build_strategy, describe
+from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
 from .task import initial_student, load_arrays, test_loader, train_set
 
 app = ServerApp()
@@ -32,8 +33,9 @@ def fusion_rounds(cfg: RunConfig) -> int:
 
 
 def sampling(cfg: RunConfig) -> dict[str, float | int]:
-    """FedAvg's sampling arguments. "Every client" means every client still connected, at
-    least ``min_clients``: a run survives a dropout instead of waiting for the lost node."""
+    """The strategy's sampling arguments (FedAvg's; every strategy here takes them). "Every
+    client" means every client still connected, at least ``min_clients``: a run survives a
+    dropout instead of waiting for the lost node."""
     if cfg.clients_per_round == 0:
         fraction, minimum = 1.0, cfg.min_available
     else:
@@ -69,7 +71,8 @@ class FederatedRun:
         self.test_loader = test_loader(cfg)
         self.student = initial_student(cfg)
         self.fusion_unit = self._fusion_unit() if cfg.fusion else None
-        self.strategy = FedMergeNet(
+        self.strategy = MergeNetFusion(
+            build_strategy(cfg, sampling(cfg)),
             spec=spec_of(self.student.state_dict()),
             fusion_unit=self.fusion_unit,
             fusion_start_round=cfg.fusion_start_round,
@@ -77,7 +80,6 @@ class FederatedRun:
             max_examples=len(train_set(cfg)),
             node_wait_timeout=cfg.node_wait_timeout,
             recalibrate_bn=cfg.recalibrate_bn,
-            **sampling(cfg),
         )
         self.best_top1 = -1.0
         self.round_offset = 0
@@ -176,6 +178,7 @@ class FederatedRun:
             "bytes_total": bytes_total,
             "bytes_per_round": bytes_total / len(done) if done else 0,
             "wall_time_s": time.time() - self.start,
+            "strategy": describe(self.cfg, self.strategy.strategy),
             "teacher": self.teacher_info.as_dict() if self.teacher_info else {"source": "none"},
             "adapter_parameters": self.fusion_unit.num_parameters if self.fusion_unit else 0,
             "config": self.cfg.to_run_config(),

@@ -1,9 +1,11 @@
-"""FedAvg + MergeNet: average the clients' students, then let the adapter write teacher
-knowledge into one layer of the average, and learn from where training took that layer.
+"""MergeNet fusion over any Flower strategy: aggregate the clients' students, then let the
+adapter write teacher knowledge into one layer of the aggregate, and learn from where
+training took that layer. ``FedMergeNet`` is the fusion over FedAvg.
 
 ``aggregate_train`` (the Message-API successor of ``aggregate_fit``):
 1. rejects malformed replies (NaN/Inf, wrong names, shapes or dtypes, bad example counts);
-2. averages the rest by example count (``FedAvg``'s own code);
+2. hands the rest to the wrapped strategy (FedAvg's weighted average, FedAdam's server step,
+   Krum's choice, a DP wrapper's clipped and noised average ...);
 3. learns: if the model sent out this round carried a fused layer, the new average of that
    layer is where client training took it, and the adapter is pulled toward it;
 4. fuses: from ``fusion_start_round`` every ``fusion_frequency`` rounds, the average's
@@ -29,12 +31,20 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedAvgM,
+    Strategy,
+)
 
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
-from .task import record_bytes
+from .task import as_float, record_bytes, scalars_from
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -130,11 +140,14 @@ def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: in
     return reason
 
 
-class FedMergeNet(FedAvg):
-    """FedAvg whose aggregate is fused with teacher knowledge by a learning adapter."""
+class MergeNetFusion(Strategy):
+    """MergeNet fusion on top of any Message-API strategy, composed the way Flower's DP
+    wrappers are: it screens the replies, lets the wrapped strategy aggregate them (FedAvg,
+    FedAdam, Krum, a DP wrapper ...), then learns and fuses on that strategy's aggregate."""
 
     def __init__(
         self,
+        strategy: Strategy,
         *,
         spec: dict[str, TensorSpec],
         fusion_unit: KnowledgeFusionUnit | None = None,
@@ -144,9 +157,9 @@ class FedMergeNet(FedAvg):
         node_wait_timeout: float = 300.0,
         target: str = STUDENT_LAYER,
         recalibrate_bn: bool = False,
-        **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(**fedavg_kwargs)
+        super().__init__()
+        self.strategy = strategy
         self.recalibrate_bn = recalibrate_bn
         # The global model the evaluate phase was sent: its BatchNorm statistics are replaced in
         # place by the clients' recomputed ones, before the server evaluates it and sends it on.
@@ -163,6 +176,20 @@ class FedMergeNet(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         # A resumed run restarts Flower's round counter at 1; hooks translate to the real round.
         self.round_offset = 0
+        self.private = privatised(strategy)
+        self._sent: ArrayRecord | None = None  # the global model this round's clients trained from
+
+    @property
+    def base(self) -> Strategy:
+        """The aggregation strategy inside every wrapper (DP's included)."""
+        return innermost(self.strategy)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> MergeNet fusion: %s", "on" if self.fusion_unit is not None else "off")
+        if self.fusion_unit is not None:
+            log(INFO, "\t│\t├── Layer: %s", self.target)
+            log(INFO, "\t│\t└── From round %s, every %s round(s)", self.fusion_start_round, self.fusion_frequency)
+        self.strategy.summary()
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -188,8 +215,14 @@ class FedMergeNet(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        self.wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        base = self.base
+        self.wait_for_nodes(grid, max(base.min_available_nodes, base.min_train_nodes))
+        if isinstance(base, FedAvgM) and base.current_arrays is not None:
+            # FedAvgM starts its next step from its own last aggregate; after fusion and BatchNorm
+            # recalibration the clients train from a different model, and the step must start there.
+            base.current_arrays = arrays
+        self._sent = arrays
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
         log_.sampled_train = len(messages)
         log_.bytes_down += len(messages) * record_bytes(arrays)
@@ -197,12 +230,13 @@ class FedMergeNet(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        if self.fraction_evaluate == 0.0:
+        base = self.base
+        if base.fraction_evaluate == 0.0:
             return []
-        self.wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        self.wait_for_nodes(grid, max(base.min_available_nodes, base.min_evaluate_nodes))
         config["recalibrate-bn"] = self.recalibrate_bn
         self._evaluated = arrays
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
         log_.sampled_evaluate = len(messages)
         log_.bytes_down += len(messages) * record_bytes(arrays)
@@ -233,7 +267,11 @@ class FedMergeNet(FedAvg):
         log_ = self.round_log(server_round)
         sound = self.screen_replies(server_round, replies)
         start = time.perf_counter()
-        arrays, metrics = super().aggregate_train(server_round, sound)
+        if self.private and self._sent is not None:
+            sound = [with_scalars_from(msg, self._sent) for msg in sound]
+        arrays, metrics = self.strategy.aggregate_train(server_round, [floating(msg) for msg in sound])
+        if self.private and arrays is not None and self._sent is not None:
+            arrays = as_float(scalars_from(arrays, self._sent))  # the counters without the noise
         log_.aggregate_ms = 1000 * (time.perf_counter() - start)
         if arrays is None:
             log(WARNING, "Round %s: no sound update (%s failures, %s rejected); the global model is kept",
@@ -284,7 +322,7 @@ class FedMergeNet(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
         log_ = self.round_log(server_round)
         log_.evaluate_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         log_.evaluate_metrics["replies"] = float(sum(not m.has_error() for m in replies))
@@ -310,3 +348,50 @@ class FedMergeNet(FedAvg):
             for name, tensor in pool_bn_statistics(stats, weights).items():
                 arrays[name] = Array(tensor.numpy())
         return len(stats)
+
+
+class FedMergeNet(MergeNetFusion):
+    """Fusion over FedAvg: ``FedMergeNet(spec=..., fraction_train=...)`` takes FedAvg's own
+    arguments next to the fusion's."""
+
+    def __init__(self, *, spec: dict[str, TensorSpec], fusion_unit: KnowledgeFusionUnit | None = None,
+                 fusion_start_round: int = 2, fusion_frequency: int = 1, max_examples: int = 10**8,
+                 node_wait_timeout: float = 300.0, target: str = STUDENT_LAYER, recalibrate_bn: bool = False,
+                 **fedavg_kwargs: Any) -> None:
+        super().__init__(FedAvg(**fedavg_kwargs), spec=spec, fusion_unit=fusion_unit,
+                         fusion_start_round=fusion_start_round, fusion_frequency=fusion_frequency,
+                         max_examples=max_examples, node_wait_timeout=node_wait_timeout, target=target,
+                         recalibrate_bn=recalibrate_bn)
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """Unwrap Flower's DP wrappers (and ours), which keep what they wrap in ``.strategy``."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
+    return strategy
+
+
+
+def privatised(strategy: Strategy) -> bool:
+    """Whether a Flower DP wrapper is in the chain."""
+    dp = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyClientSideFixedClipping,
+          DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyClientSideAdaptiveClipping)
+    while isinstance(strategy, Strategy):
+        if isinstance(strategy, dp):
+            return True
+        strategy = getattr(strategy, "strategy", None)
+    return False
+
+
+def with_scalars_from(msg: Message, sent: ArrayRecord) -> Message:
+    """Under DP a reply's 0-d counters are what the server sent (see task.scalars_from)."""
+    for key, record in list(msg.content.array_records.items()):
+        msg.content[key] = scalars_from(record, sent)
+    return msg
+
+
+def floating(msg: Message) -> Message:
+    """A screened reply whose arrays every wrapped strategy can do arithmetic on (see as_float)."""
+    for key, record in list(msg.content.array_records.items()):
+        msg.content[key] = as_float(record)
+    return msg

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch.utils.data import DataLoader
 
 from ..config import PROJECT_ROOT, RunConfig
@@ -126,6 +126,36 @@ def initial_student(cfg: RunConfig) -> MobileNetV2:
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """Load by name, strictly: a missing or extra tensor is an error, never silently skipped."""
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def as_float(arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with integer arrays (BatchNorm's num_batches_tracked) as float64, the rest as is.
+
+    Flower's strategies and DP helpers do arithmetic on every array, some of it in place
+    (clipping scales an update by a float), which integer arrays cannot take; FedAvg turns
+    them into float64 averages anyway, so nothing changes where it already worked."""
+    if all(array.numpy().dtype.kind not in "iub" for array in arrays.values()):
+        return arrays
+    return ArrayRecord({name: Array(values.astype(np.float64)) if (values := array.numpy()).dtype.kind in "iub"
+                        else array for name, array in arrays.items()})
+
+
+def scalars_from(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with every 0-d array (BatchNorm's num_batches_tracked) taken from ``sent``.
+
+    For DP: Flower's clipping scales an update's arrays in place, but the difference of two 0-d
+    arrays is a numpy scalar, which it rebinds instead of scaling, so counters would leave a
+    client unclipped (they tell how many batches it trained). BatchNorm with momentum never
+    reads them; under DP they stay what the server sent."""
+    return ArrayRecord({name: sent[name] if array.numpy().ndim == 0 else array for name, array in arrays.items()})
+
+
+def with_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+    """``arrays`` cast back to ``dtypes`` (integers rounded), for a reply the server screens by dtype."""
+    def cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return np.asarray(np.rint(values) if dtype.kind in "iu" else values).astype(dtype)
+
+    return ArrayRecord({name: Array(cast(array.numpy(), dtypes[name])) for name, array in arrays.items()})
 
 
 def record_bytes(arrays: ArrayRecord) -> int:
