@@ -126,8 +126,9 @@ def saved_config(run_dir: Path) -> RunConfig:
 def runner_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_federated_mergenet.py",
-        description="Federated MergeNet in one command: FedAvg over MobileNetV2 clients with MergeNet fusion "
-                    "from a frozen ResNet50, in Flower's simulation engine (default) or deployment runtime.",
+        description="Federated MergeNet in one command: FedAvg (or another Flower strategy, --strategy) over "
+                    "MobileNetV2 clients with MergeNet fusion from a frozen ResNet50, in Flower's simulation engine "
+                    "(default) or deployment runtime.",
     )
     parser.add_argument("--preset", choices=sorted(load_presets()), default="quick",
                         help="quick: offline Fashion-MNIST subset on CPU (default); paper: CIFAR-100 as in the write-up")

@@ -20,6 +20,7 @@ import torch
 from fedmergenet.config import STRATEGIES, RunConfig
 from fedmergenet.experiments.federated import run_simulation
 from fedmergenet.flower.task import initial_student
+from fedmergenet.models import STUDENT_LAYER
 from fedmergenet.flower.runtime import free_port
 from fedmergenet.results import read_metrics, read_summary
 
@@ -89,10 +90,13 @@ def matrix_app(tmp_path: Path, matrix: str, clientapp: str = "fedmergenet.flower
     return app
 
 
-def test_every_strategy_runs_two_rounds_with_fusion_on_and_off(tmp_path: Path, teacher_file: Path) -> None:
-    matrix = " ".join(f"{name}:{fusion}" for name in STRATEGIES for fusion in (0, 1))
+def test_every_strategy_runs_two_rounds_with_fusion_on_and_off_and_under_dp(tmp_path: Path, teacher_file: Path) -> None:
+    dp_modes = ("server-fixed", "client-fixed")  # Flower's wrappers, and its clipping mod in our ClientApp
+    matrix = " ".join([f"{name}:{fusion}" for name in STRATEGIES for fusion in (0, 1)]
+                      + [f"fedavg:1:{mode}" for mode in dp_modes])
     cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=48, test_limit=32, rounds=2, local_epochs=1,
                     num_clients=3, batch_size=16, fusion_start_round=1, adapter_layers=1,
+                    dp_noise_multiplier=0.0, dp_clipping_norm=1e-3,  # read by the DP experiments only
                     teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
     run_simulation(cfg, echo=False, app_dir=matrix_app(tmp_path, matrix))
 
@@ -109,6 +113,18 @@ def test_every_strategy_runs_two_rounds_with_fusion_on_and_off(tmp_path: Path, t
             assert all(np.isfinite(r["test_loss"]) for r in rows), out
     assert read_summary(tmp_path / "out" / "fedavgm-plain")["strategy"]["hyperparameters"] == {
         "server_learning_rate": 1.0, "server_momentum": 0.0}
+    for mode in dp_modes:
+        out = tmp_path / "out" / f"fedavg-fusion-{mode}"
+        summary = read_summary(out)
+        assert summary["status"] == "completed" and summary["arm"] == f"fedavg-dp-{mode}_mergenet"
+        assert summary["strategy"]["dp"]["mode"] == mode
+        assert [r["fusion_applied"] for r in read_metrics(out) if r["round"] > 0] == [1, 1]
+        # Clipped to 1e-3 per round with no noise: two rounds moved the weights at most 2e-3
+        # (BatchNorm statistics are recomputed after clipping, the fused layer is rewritten).
+        final = torch.load(out / "final_model.pt", weights_only=True)
+        start = initial_student(cfg).state_dict()
+        clipped = [k for k in start if k != STUDENT_LAYER and not k.endswith(("running_mean", "running_var"))]
+        assert float(sum((final[k].double() - start[k].double()).pow(2).sum() for k in clipped).sqrt()) <= 2.1e-3
 
 
 def test_robust_strategies_keep_a_huge_update_out_while_fedavg_takes_it_in(tmp_path: Path) -> None:

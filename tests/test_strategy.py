@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmergenet.cli import runner_main
+from fedmergenet.cli import runner_main, server_main
 from fedmergenet.config import STRATEGIES, AdapterConfig, RunConfig, validate
 from fedmergenet.errors import ConfigError
 from fedmergenet.flower.aggregation import build_strategy, describe
@@ -369,19 +369,24 @@ def test_server_side_dp_clips_every_update_before_fusion_sees_the_aggregate(base
 
 
 def test_client_side_dp_clips_the_update_and_keeps_the_replys_dtypes(base_state):
-    """client_dp runs Flower's fixedclipping_mod around training: the reply moved at most the
-    clipping norm from what the server sent, and every tensor keeps its dtype for screening."""
+    """When the server sends a clipping norm, client_dp runs Flower's fixedclipping_mod around
+    training: the reply moved at most the clipping norm from what the server sent, and every
+    tensor keeps its dtype for screening."""
     sent = ArrayRecord(base_state)
     msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 0.5})}),
                   dst_node_id=101, message_type=MessageType.TRAIN)
     trained = sound_replies(base_state, seeds=(1,))[0].content
-    context = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={"dp": "client-fixed"})
+    context = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
 
     reply = client_dp(msg, context, lambda m, c: Message(trained, reply_to=m))
     clipped = reply.content["arrays"].to_torch_state_dict()
     assert {k: v.dtype for k, v in clipped.items()} == {k: v.dtype for k, v in base_state.items()}
     moved = torch.sqrt(sum(((clipped[k].double() - base_state[k].double()) ** 2).sum() for k in base_state))
     assert 0.4 < moved <= 0.5 + 1e-6  # the counters leave as they came (task.scalars_from)
+
+    plain = Message(RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})}), dst_node_id=101,
+                    message_type=MessageType.TRAIN)
+    assert client_dp(plain, context, lambda m, c: Message(trained, reply_to=m)).content is trained  # no DP asked
 
 
 def test_fedprox_proximal_term_holds_local_training_near_the_global_model():
@@ -420,7 +425,8 @@ def test_bad_strategy_settings_are_one_line_config_errors(changes, words):
     assert "\n" not in str(info.value)
 
 
-def test_a_bad_combination_exits_2_from_the_runner_before_any_work(capsys):
-    assert runner_main(["--strategy", "bulyan", "--byzantine", "1", "--num-clients", "5"]) == 2
+@pytest.mark.parametrize("main", [runner_main, server_main])
+def test_a_bad_combination_exits_2_from_the_runner_and_the_server_script_before_any_work(main, capsys):
+    assert main(["--strategy", "bulyan", "--byzantine", "1", "--num-clients", "5"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bulyan" in errors[0]

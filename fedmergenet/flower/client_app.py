@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..config import RunConfig
 from ..training import evaluate as evaluate_model
@@ -55,10 +56,10 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
 
 
 def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """``--dp client-fixed``: Flower's fixedclipping_mod clips the update before it leaves.
-    Integer buffers pass the clipping as float64 and leave in their own dtype again; 0-d
-    counters leave as they came (see scalars_from)."""
-    if str(context.run_config.get("dp", "none")) != "client-fixed":
+    """``--dp client-fixed``: when the server's DP wrapper sends a clipping norm, Flower's
+    fixedclipping_mod clips the update before it leaves. Integer buffers pass the clipping as
+    float64 and leave in their own dtype again; 0-d counters leave as they came (scalars_from)."""
+    if KEY_CLIPPING_NORM not in msg.content["config"]:
         return call_next(msg, context)
     dtypes: dict = {}
 
