@@ -22,7 +22,6 @@ from .errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "config"
-ADAPTER_CONFIG_FILE = CONFIG_DIR / "param_attention_config.yaml"
 PRESETS_FILE = CONFIG_DIR / "federated_mergenet.yaml"
 
 DATASETS = ("cifar100", "fashion-mnist")
@@ -36,26 +35,17 @@ DP_MODES = ("none", "server-fixed", "client-fixed")
 
 @dataclass
 class AdapterConfig:
-    """ParamAttention and its optimiser; mirrors config/param_attention_config.yaml."""
+    """ParamAttention and its optimiser, as a fusion unit needs them; a run builds it from its
+    ``adapter_*`` and ``fusion_mode`` options (RunConfig.adapter). The per-path attention width
+    follows the original code, max((da + db) // 2, 128) // h, so it is not an option."""
 
-    d_attention: int = 64
     h: int = 8
     num_layers: int = 2
     lr: float = 0.001
     weight_decay: float = 0.0005
     clip_norm: float = 50.0
     warmup_updates: int = 4
-    f: int = 1
     mode: str = "gated"
-
-    @classmethod
-    def from_yaml(cls, path: Path = ADAPTER_CONFIG_FILE) -> AdapterConfig:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown adapter option(s) {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass
@@ -184,7 +174,6 @@ class RunConfig:
             weight_decay=self.adapter_weight_decay,
             clip_norm=self.adapter_clip,
             warmup_updates=self.adapter_warmup,
-            f=self.fusion_batches,
             mode=self.fusion_mode,
         )
 

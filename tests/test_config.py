@@ -8,9 +8,7 @@ import tomllib
 import pytest
 
 from fedmergenet.config import (
-    ADAPTER_CONFIG_FILE,
     PROJECT_ROOT,
-    AdapterConfig,
     RunConfig,
     add_run_options,
     apply_preset,
@@ -53,11 +51,6 @@ def test_pyproject_run_config_equals_runconfig_defaults():
     assert sorted(app_config) == sorted(expected)
     assert app_config == expected
     assert {k: type(v) for k, v in app_config.items()} == {k: type(v) for k, v in expected.items()}
-
-
-def test_adapter_yaml_equals_adapter_config_defaults():
-    """config/param_attention_config.yaml and AdapterConfig() describe the same adapter."""
-    assert AdapterConfig.from_yaml(ADAPTER_CONFIG_FILE) == AdapterConfig()
 
 
 @pytest.mark.parametrize(
