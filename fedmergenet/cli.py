@@ -16,7 +16,7 @@ from .config import RunConfig, add_run_options, apply_preset, config_from_args, 
 from .errors import EXIT_USAGE, ConfigError, UserError
 
 
-def door(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
     """Bad input becomes one line on stderr and exit code 2, never a traceback."""
 
     def wrapped(argv: Sequence[str] | None = None) -> int:
@@ -150,11 +150,11 @@ def runner_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@door
+@entry_point
 def runner_main(argv: Sequence[str] | None = None) -> int:
     args = runner_parser().parse_args(argv)
     cfg = _config(args)
-    from .experiments.teacher import ensure_teacher, pretrain_teacher
+    from .experiments.pretrain import ensure_teacher, pretrain_teacher
 
     if args.pretrain_teacher:
         pretrain_teacher(cfg)
@@ -189,7 +189,7 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- federated_mergenet_server.py ------------------------------------------------------
-@door
+@entry_point
 def server_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="federated_mergenet_server.py",
@@ -212,7 +212,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- federated_mergenet_client.py ------------------------------------------------------
-@door
+@entry_point
 def client_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="federated_mergenet_client.py",

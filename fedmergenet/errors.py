@@ -1,7 +1,7 @@
 """Errors a user can act on.
 
 They are raised where the problem is found and turned into a one-line message and exit
-code 2 at the door (the top-level scripts), never into a traceback.
+code 2 at the entry points (the top-level scripts), never into a traceback.
 """
 
 EXIT_USAGE = 2

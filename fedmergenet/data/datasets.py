@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fedmergenet.config import DATASETS
 from fedmergenet.errors import ConfigError, DatasetError
-
-DATASETS = ("cifar100", "fashion-mnist")
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"

@@ -14,7 +14,7 @@ from ..results import ARMS as SUITE_ARMS
 from .baseline import run_central, union_of_client_data
 from .estimate import Estimate, estimate_suite
 from .federated import run_simulation
-from .teacher import ensure_teacher, teacher_data_config
+from .pretrain import ensure_teacher, teacher_data_config
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,

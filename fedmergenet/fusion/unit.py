@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import AdapterConfig
+from ..training import pick_device
 from .param_attention import ParamAttention, as_matrix
 
 
@@ -39,9 +40,9 @@ GATE_LR_SCALE = 10.0
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if isinstance(device, torch.device):
+        return device
+    return pick_device(device or "auto")
 
 
 @dataclass
