@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from fedmergenet.atomic import write_text
 from fedmergenet.errors import UserError
 from fedmergenet.results import (
     ARMS,
@@ -24,7 +25,6 @@ from fedmergenet.results import (
     SUMMARY_FILE,
     ResultsError,
     RunResult,
-    atomic_write_text,
     read_run,
 )
 
@@ -754,10 +754,10 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> Report:
     write_figures(group_by_arm(runs), table, out_dir)
     data = {**table.as_dict(), "conclusion": verdict, "differing_settings": differing_settings(runs),
             "runs": [str(r.path) for r in runs], "skipped": [[str(p), why] for p, why in skipped]}
-    atomic_write_text(out_dir / "comparison.json", json.dumps(data, indent=2, default=str) + "\n")
-    atomic_write_text(out_dir / "comparison.csv", comparison_csv(table))
+    write_text(out_dir / "comparison.json", json.dumps(data, indent=2, default=str) + "\n")
+    write_text(out_dir / "comparison.csv", comparison_csv(table))
     report = out_dir / "report.md"
-    atomic_write_text(report, render_markdown(runs, skipped, table, verdict))
+    write_text(report, render_markdown(runs, skipped, table, verdict))
     return Report(path=report, conclusion=verdict, table=table, skipped=list(skipped))
 
 

@@ -15,11 +15,11 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .config import DP_MODES, STRATEGIES
 
 ARMS = ("central", "central_mergenet", "central_placebo", "fedavg", "fedavg_mergenet", "fedavg_placebo")
@@ -47,22 +47,6 @@ class ResultsError(ValueError):
     """A run folder whose files are missing or do not follow the format."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _clean(value: Any) -> Any:
     """JSON has no NaN or Inf: write them as null so every reader can parse the file."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -86,7 +70,7 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 def rewrite_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Replace the metrics file with exactly these rows (used when resuming)."""
     text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
-    atomic_write_text(run_dir / METRICS_FILE, text)
+    write_text(run_dir / METRICS_FILE, text)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -112,7 +96,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
+    write_text(run_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -161,6 +145,55 @@ def read_run(run_dir: Path) -> RunResult:
         if missing:
             raise ResultsError(f"{run_dir / METRICS_FILE} row {number} lacks {', '.join(missing)}")
     return RunResult(path=run_dir, summary=summary, rows=rows)
+
+
+def metrics_row(*, epoch_equiv: int, top1: float, top5: float, loss: float, wall_time_s: float,
+                **fields: Any) -> dict[str, Any]:
+    """One row of ``metrics.jsonl``: what every arm records after an epoch or round (fusion
+    and traffic default to none), then what only its kind of arm has."""
+    return {
+        "epoch_equiv": epoch_equiv,
+        "test_top1": top1,
+        "test_top5": top5,
+        "test_loss": loss,
+        "fusion_applied": 0,
+        "fusion_skipped": 0,
+        "adapter_loss": None,
+        "gate": None,
+        "fusion_shift": None,
+        "layer_std": None,
+        "bytes_down": 0,
+        "bytes_up": 0,
+        "wall_time_s": wall_time_s,
+        **fields,
+    }
+
+
+def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s: float, config: dict[str, Any],
+              teacher: dict[str, Any] | None, error: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The summary of a run from its metrics rows (the first describes the initial model), the
+    same for central and federated arms; ``extra`` holds what only one kind of arm has."""
+    done = [r for r in rows if r["epoch_equiv"] > 0]
+    bytes_total = sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in done)
+    return {
+        "arm": arm,
+        "status": status,
+        "error": error,
+        "epoch_equiv": done[-1]["epoch_equiv"] if done else 0,
+        "best_top1": max((r["test_top1"] for r in rows), default=None),
+        "final_top1": rows[-1]["test_top1"] if rows else None,
+        "best_top5": max((r["test_top5"] for r in rows), default=None),
+        "final_top5": rows[-1]["test_top5"] if rows else None,
+        "fusion_rounds": sum(r["fusion_applied"] for r in done),
+        "fusion_skipped": sum(r.get("fusion_skipped", 0) for r in done),
+        "bytes_total": bytes_total,
+        "bytes_per_round": bytes_total / len(done) if done else 0,
+        "wall_time_s": wall_time_s,
+        "teacher": teacher or {"source": "none"},
+        "config": config,
+        "versions": library_versions(),
+        **extra,
+    }
 
 
 def library_versions() -> dict[str, str]:

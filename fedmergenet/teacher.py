@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .atomic import save_torch
 from .errors import CheckpointError
 from .models import TEACHER_LAYER, ResNet50, build_teacher, state_checksum
 
@@ -34,14 +35,6 @@ class TeacherInfo:
         return dict(self.__dict__)
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temporary file and a rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def save_teacher(model: ResNet50, path: Path, *, dataset: str, epochs: int, test_top1: float, extra: dict | None = None) -> None:
     payload = {
         "state_dict": model.state_dict(),
@@ -53,7 +46,7 @@ def save_teacher(model: ResNet50, path: Path, *, dataset: str, epochs: int, test
         "test_top1": float(test_top1),
         **(extra or {}),
     }
-    save_checkpoint(Path(path), payload)
+    save_torch(Path(path), payload)
 
 
 def load_teacher(path: Path, *, dataset: str, num_classes: int, in_channels: int = 3) -> tuple[ResNet50, TeacherInfo]:

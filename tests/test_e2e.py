@@ -5,8 +5,6 @@ Slow (about a minute each) but run in CI: they are the proof that the pieces wor
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ from fedmergenet.config import RunConfig
 from fedmergenet.experiments.baseline import run_central, union_of_client_data
 from fedmergenet.experiments.estimate import Estimate, estimate_suite
 from fedmergenet.experiments.suite import run_suite
-from fedmergenet.flower.runtime import free_port
 from fedmergenet.flower.task import client_data
 from fedmergenet.models import STUDENT_LAYER, state_checksum
 from fedmergenet.results import ARMS, read_metrics, read_summary

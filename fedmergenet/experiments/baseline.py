@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import save_torch
 from ..config import RunConfig, validate
 from ..data import make_loader, split_train_val
 from ..flower.task import client_partitions, initial_student, test_loader, train_set
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER
-from ..results import append_metrics, library_versions, read_metrics, write_summary
+from ..results import append_metrics, metrics_row, read_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
 from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
 
@@ -126,7 +127,7 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
                              "lr": lr})
         if echo:
             print(f"{arm} epoch {epoch}/{epochs}: train loss {loss:.4f}, test top-1 {100 * result.top1:.2f}%", flush=True)
-    torch.save(model.cpu().state_dict(), out / "final_model.pt")
+    save_torch(out / "final_model.pt", model.cpu().state_dict())
     write_summary(out, _summary(cfg, arm, out, time.time() - start, teacher_info, cotrain_teacher, len(indices)))
     return out
 
@@ -149,43 +150,12 @@ def _fusion_hooks(cfg: RunConfig, model: torch.nn.Module, num_classes: int, tota
 
 
 def _row(epoch: int, result, fusion: dict, wall: float) -> dict:
-    return {
-        "epoch": epoch,
-        "epoch_equiv": epoch,
-        "test_top1": result.top1,
-        "test_top5": result.top5,
-        "test_loss": result.loss,
-        "fusion_applied": fusion.get("fusion_applied", 0),
-        "fusion_skipped": fusion.get("fusion_skipped", 0),
-        "adapter_loss": fusion.get("adapter_loss"),
-        "gate": fusion.get("gate"),
-        "fusion_shift": fusion.get("fusion_shift"),
-        "layer_std": fusion.get("layer_std"),
-        "wall_time_s": wall,
-        "bytes_down": 0,
-        "bytes_up": 0,
-    }
+    return metrics_row(epoch_equiv=epoch, top1=result.top1, top5=result.top5, loss=result.loss, wall_time_s=wall,
+                       epoch=epoch, **fusion)
 
 
 def _summary(cfg: RunConfig, arm: str, out: Path, wall: float, teacher: dict | None, cotrain: bool, images: int) -> dict:
     rows = read_metrics(out)
-    return {
-        "arm": arm,
-        "status": "completed",
-        "epochs": rows[-1]["epoch"],
-        "epoch_equiv": rows[-1]["epoch_equiv"],
-        "train_images": images,
-        "best_top1": max(r["test_top1"] for r in rows),
-        "final_top1": rows[-1]["test_top1"],
-        "best_top5": max(r["test_top5"] for r in rows),
-        "final_top5": rows[-1]["test_top5"],
-        "fusion_rounds": sum(r["fusion_applied"] for r in rows),
-        "fusion_skipped": sum(r.get("fusion_skipped", 0) for r in rows),
-        "bytes_total": 0,
-        "bytes_per_round": 0,
-        "wall_time_s": wall,
-        "teacher": teacher or {"source": "none"},
-        "cotrain_teacher": cotrain,
-        "config": {**cfg.to_run_config(), "fusion": arm != "central"},
-        "versions": library_versions(),
-    }
+    return summarize(rows, arm=arm, status="completed", wall_time_s=wall, teacher=teacher,
+                     config={**cfg.to_run_config(), "fusion": arm != "central"},
+                     epochs=rows[-1]["epoch"], train_images=images, cotrain_teacher=cotrain)

@@ -6,16 +6,16 @@ from __future__ import annotations
 import time
 from logging import ERROR, INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from ..atomic import save_torch
 from ..config import RunConfig, validate
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, state_checksum
-from ..results import append_metrics, library_versions, rewrite_metrics, read_metrics, write_summary
+from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .state import ServerState, load_state, save_state
@@ -107,7 +107,7 @@ class FederatedRun:
         append_metrics(self.out, row)
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
-            torch.save(self.student.state_dict(), self.out / "best_model.pt")
+            save_torch(self.out / "best_model.pt", self.student.state_dict())
         save_state(self.out, self.state(server_round, arrays))
         write_summary(self.out, self.summary(status="running"))
         return MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
@@ -117,35 +117,32 @@ class FederatedRun:
         if server_round > 0 and not log_.aggregated:
             status = "no_replies" if log_.replies == 0 and log_.failures == 0 else "no_sound_update"
         train_loss = log_.train_metrics.get("train-loss")
-        return {
-            "round": server_round,
-            "epoch_equiv": server_round * self.cfg.local_epochs,
-            "test_top1": result.top1,
-            "test_top5": result.top5,
-            "test_loss": result.loss,
-            "train_loss": train_loss,
-            "fed_eval_top1": log_.evaluate_metrics.get("eval-top1"),
-            "fed_eval_loss": log_.evaluate_metrics.get("eval-loss"),
-            "fusion_applied": log_.fusion_applied,
-            "fusion_skipped": log_.fusion_skipped,
-            "bn_recalibrated": log_.bn_recalibrated,
-            "adapter_learned": log_.learned,
-            "adapter_loss": log_.adapter_loss,
-            "adapter_lr": log_.adapter_lr,
-            "gate": log_.gate,
-            "fusion_shift": log_.fusion_shift,
-            "fusion_ms": log_.fusion_ms,
-            "aggregate_ms": log_.aggregate_ms,
-            "sampled": log_.sampled_train,
-            "replies": log_.replies,
-            "failures": log_.failures,
-            "rejected": log_.rejected,
-            "rejections": log_.rejections,
-            "round_status": status,
-            "bytes_down": log_.bytes_down,
-            "bytes_up": log_.bytes_up,
-            "wall_time_s": time.time() - self.start,
-        }
+        return metrics_row(
+            epoch_equiv=server_round * self.cfg.local_epochs, top1=result.top1, top5=result.top5, loss=result.loss,
+            wall_time_s=time.time() - self.start,
+            round=server_round,
+            train_loss=train_loss,
+            fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
+            fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),
+            fusion_applied=log_.fusion_applied,
+            fusion_skipped=log_.fusion_skipped,
+            bn_recalibrated=log_.bn_recalibrated,
+            adapter_learned=log_.learned,
+            adapter_loss=log_.adapter_loss,
+            adapter_lr=log_.adapter_lr,
+            gate=log_.gate,
+            fusion_shift=log_.fusion_shift,
+            fusion_ms=log_.fusion_ms,
+            aggregate_ms=log_.aggregate_ms,
+            sampled=log_.sampled_train,
+            replies=log_.replies,
+            failures=log_.failures,
+            rejected=log_.rejected,
+            rejections=log_.rejections,
+            round_status=status,
+            bytes_down=log_.bytes_down,
+            bytes_up=log_.bytes_up,
+        )
 
     def state(self, server_round: int, arrays: ArrayRecord) -> ServerState:
         return ServerState(
@@ -160,30 +157,15 @@ class FederatedRun:
     def summary(self, status: str, error: str | None = None) -> dict:
         rows = read_metrics(self.out) if (self.out / "metrics.jsonl").exists() else []
         done = [r for r in rows if r["round"] > 0]
-        bytes_total = sum(r["bytes_down"] + r["bytes_up"] for r in done)
-        return {
-            "arm": self.cfg.arm,
-            "status": status,
-            "error": error,
-            "rounds": len(done),
-            "epoch_equiv": done[-1]["epoch_equiv"] if done else 0,
-            "best_top1": max((r["test_top1"] for r in rows), default=None),
-            "final_top1": rows[-1]["test_top1"] if rows else None,
-            "best_top5": max((r["test_top5"] for r in rows), default=None),
-            "final_top5": rows[-1]["test_top5"] if rows else None,
-            "fusion_rounds": sum(r["fusion_applied"] for r in done),
-            "fusion_skipped": sum(r.get("fusion_skipped", 0) for r in done),
+        return summarize(
+            rows, arm=self.cfg.arm, status=status, error=error, wall_time_s=time.time() - self.start,
+            config=self.cfg.to_run_config(), teacher=self.teacher_info.as_dict() if self.teacher_info else None,
+            rounds=len(done),
             # Rounds that kept the previous model (every reply lost, late or rejected).
-            "rounds_without_update": sum(r["round_status"] != "ok" for r in done),
-            "bytes_total": bytes_total,
-            "bytes_per_round": bytes_total / len(done) if done else 0,
-            "wall_time_s": time.time() - self.start,
-            "strategy": describe(self.cfg, self.strategy.strategy),
-            "teacher": self.teacher_info.as_dict() if self.teacher_info else {"source": "none"},
-            "adapter_parameters": self.fusion_unit.num_parameters if self.fusion_unit else 0,
-            "config": self.cfg.to_run_config(),
-            "versions": library_versions(),
-        }
+            rounds_without_update=sum(r["round_status"] != "ok" for r in done),
+            strategy=describe(self.cfg, self.strategy.strategy),
+            adapter_parameters=self.fusion_unit.num_parameters if self.fusion_unit else 0,
+        )
 
     # --- whole run ----------------------------------------------------------------------
     def initial_arrays(self) -> tuple[ArrayRecord, int]:
@@ -223,7 +205,7 @@ class FederatedRun:
                 evaluate_fn=self.evaluate_round if done == 0 else self._evaluate_skip_zero,
             )
             load_arrays(self.student, result.arrays if result.arrays else arrays)
-            torch.save(self.student.state_dict(), self.out / "final_model.pt")
+            save_torch(self.out / "final_model.pt", self.student.state_dict())
         except NodeWaitTimeout as exc:
             status, error = "stopped", str(exc)
             log(ERROR, "Stopped: %s (results so far are in %s)", exc, self.out)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..teacher import save_checkpoint
+from ..atomic import save_torch
 
 STATE_FILE = "server_state.pt"
 
@@ -42,7 +42,7 @@ def save_state(out: Path, state: ServerState) -> None:
         "numpy_rng": _numpy_state(),
         "python_rng": _python_state(),
     }
-    save_checkpoint(out / STATE_FILE, payload)
+    save_torch(out / STATE_FILE, payload)
 
 
 def load_state(out: Path) -> ServerState | None:

@@ -17,6 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch.utils.data import DataLoader
 
+from ..atomic import atomic_write
 from ..config import PROJECT_ROOT, RunConfig
 from ..data import ImageDataset, load_dataset, make_loader, partition_indices, split_train_val
 from ..models import MobileNetV2, build_student
@@ -75,10 +76,8 @@ def _read_partitions(path: Path, n: int) -> list[np.ndarray] | None:
 
 def _write_partitions(path: Path, parts: list[np.ndarray]) -> None:
     with contextlib.suppress(OSError):  # a read-only cache only costs time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{f"p{i}": part for i, part in enumerate(parts)})
-        os.replace(tmp, path)  # clients reading concurrently see the whole file or none
+        # Clients reading concurrently see the whole file or none.
+        atomic_write(path, lambda handle: np.savez(handle, **{f"p{i}": part for i, part in enumerate(parts)}))
 
 
 @dataclass
