@@ -154,6 +154,7 @@ def runner_parser() -> argparse.ArgumentParser:
 def runner_main(argv: Sequence[str] | None = None) -> int:
     args = runner_parser().parse_args(argv)
     cfg = _config(args)
+    from .checks import check_run
     from .experiments.pretrain import ensure_teacher, pretrain_teacher
 
     if args.pretrain_teacher:
@@ -165,6 +166,9 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
         seeds = args.seeds or [cfg.seed, cfg.seed + 1]
         run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
         return 0
+    # Checked before a missing teacher is pretrained; each arm checks again as it starts.
+    check_run(cfg, Path(cfg.output_dir or f"results/{cfg.central_arm}") if args.central else cfg.output_path(),
+              teacher=False)
     if cfg.fusion:
         ensure_teacher(cfg)
     if args.central:

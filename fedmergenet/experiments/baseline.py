@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..atomic import save_torch
-from ..config import RunConfig, validate
+from ..checks import check_run
+from ..config import RunConfig
 from ..data import make_loader, split_train_val
 from ..flower.task import client_partitions, initial_student, test_loader, train_set
 from ..fusion import KnowledgeFusionUnit
@@ -96,10 +97,9 @@ class FusionHooks:
 
 
 def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, echo: bool = True) -> Path:
-    cfg = validate(cfg)
     arm = cfg.central_arm if mergenet else "central"
     out = Path(cfg.output_dir or f"results/{arm}")
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = check_run(cfg.replace(fusion=mergenet), out, teacher=mergenet)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)

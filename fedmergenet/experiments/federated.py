@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checks import check_run
 from ..config import PROJECT_ROOT, RunConfig, validate
 from ..errors import ConfigError
 from ..flower import runtime
@@ -28,24 +29,9 @@ def absolute(cfg: RunConfig) -> RunConfig:
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """Every check that can fail fast, before any process starts or any client trains."""
-    from ..flower.task import train_set
-    from ..teacher import load_teacher
-
     cfg = absolute(validate(cfg))
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output directory {out} is not writable ({exc.strerror})") from None
-    train = train_set(cfg)  # the cached reader: the partition report below reads it again
-    if cfg.num_clients > len(train):
-        raise ConfigError(f"--num-clients {cfg.num_clients} exceeds the {len(train)} training images")
-    if cfg.fusion and not cfg.random_teacher:
-        load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=train.num_classes)
-    record_partitions(cfg, out)
+    cfg = check_run(cfg, Path(cfg.output_dir), teacher=True)
+    record_partitions(cfg, Path(cfg.output_dir))
     return cfg
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import writable_dir
 from ..config import RunConfig, validate
 from ..data import make_loader
 from ..flower.task import test_loader, train_set
@@ -47,6 +48,7 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
     """Train a ResNet50 for ``cfg.teacher_epochs`` epochs and save the checkpoint the server loads."""
     cfg = validate(cfg)
     path = Path(path or cfg.teacher_path())
+    writable_dir(path.parent, "teacher checkpoint folder")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     dataset = train_set(teacher_data_config(cfg))

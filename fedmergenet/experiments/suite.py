@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checks import check_run
 from ..config import RunConfig
 from ..results import ARMS as SUITE_ARMS
 from .baseline import run_central, union_of_client_data
@@ -20,6 +21,7 @@ from .pretrain import ensure_teacher, teacher_data_config
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
               compare: bool = True, echo: bool = True) -> Path:
     """Run every arm for every seed under ``root/seed<k>/<arm>``; returns the report folder."""
+    cfg = check_run(cfg, root, teacher=False)  # the teacher may still have to be pretrained
     if echo:
         print(suite_estimate(cfg, len(seeds)).describe(), flush=True)
     ensure_teacher(cfg, echo=echo)  # one teacher for every arm and seed: the comparison's constant
