@@ -17,7 +17,8 @@ from torch import nn
 
 from fedmergenet.config import AdapterConfig, RunConfig
 from fedmergenet.flower.client_app import local_train
-from fedmergenet.flower.task import client_data, initial_student
+from fedmergenet.data.splits import client_data
+from fedmergenet.models import initial_student
 from fedmergenet.models import STUDENT_LAYER
 from fedmergenet.training import make_optimizer
 

@@ -16,7 +16,8 @@ import torch
 from fedmergenet.config import RunConfig, apply_preset
 from fedmergenet.experiments.federated import run_simulation
 from fedmergenet.flower.client_app import local_train
-from fedmergenet.flower.task import client_data, initial_student
+from fedmergenet.data.splits import client_data
+from fedmergenet.models import initial_student
 from fedmergenet.results import read_metrics
 
 from .measure import Settings, median

@@ -33,13 +33,13 @@ if sys.argv[3] == "with-torchvision":  # what our data transforms imported befor
 import fedmergenet.flower.client_app as client_app
 marks.append(("our ClientApp module", time.perf_counter()))
 from fedmergenet.config import RunConfig
-from fedmergenet.flower.task import client_data
+from fedmergenet.data.splits import client_data
 cfg = RunConfig(**json.loads(sys.argv[1]))
 torch.set_num_threads(cfg.client_threads)
 client_data(cfg, 0, cfg.num_clients)
 marks.append(("data split and loaders", time.perf_counter()))
 if sys.argv[2] == "train":
-    from fedmergenet.flower.task import initial_student
+    from fedmergenet.models import initial_student
     client_app.local_train(cfg, initial_student(cfg), 0, cfg.num_clients, 1, torch.device("cpu"))
     marks.append(("one local epoch", time.perf_counter()))
 print(json.dumps({"marks": marks, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

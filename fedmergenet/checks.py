@@ -23,7 +23,7 @@ def writable_dir(path: Path, what: str = "output directory") -> None:
 
 def check_run(cfg: RunConfig, output: Path, teacher: bool) -> RunConfig:
     """The run's options, its output folder, its data and (``teacher``) its teacher checkpoint."""
-    from .flower.task import train_set
+    from .data.splits import train_set
     from .teacher import load_teacher
 
     cfg = validate(cfg)

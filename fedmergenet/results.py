@@ -197,16 +197,17 @@ def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions that decide whether two runs are comparable."""
-    import flwr
+    """Versions that decide whether two runs are comparable (torch's with its build, such as
+    +cu130; Flower's read from its metadata, since the central arms run without importing it)."""
+    from importlib import metadata
+
     import numpy
     import torch
     import torchvision
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
-        "numpy": numpy.__version__,
-    }
+    try:
+        flwr = metadata.version("flwr")
+    except metadata.PackageNotFoundError:
+        flwr = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "flwr": flwr, "numpy": numpy.__version__}

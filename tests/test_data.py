@@ -318,7 +318,7 @@ def test_client_partitions_are_computed_once_and_then_read_from_the_cache(
 ) -> None:
     """Deployment starts a fresh ClientApp process per message: the split is cached on disk."""
     from fedmergenet.config import RunConfig
-    from fedmergenet.flower import task
+    from fedmergenet.data import splits as task
 
     monkeypatch.setenv("FEDMERGENET_CACHE_DIR", str(tmp_path / "cache"))
     cfg = RunConfig(dataset="cifar100", data_dir=str(cifar_dir), num_clients=4, alpha=0.0, seed=3)

@@ -18,7 +18,7 @@ from fedmergenet.config import RunConfig
 from fedmergenet.experiments.baseline import run_central, union_of_client_data
 from fedmergenet.experiments.estimate import Estimate, estimate_suite
 from fedmergenet.experiments.suite import run_suite
-from fedmergenet.flower.task import client_data
+from fedmergenet.data.splits import client_data
 from fedmergenet.models import STUDENT_LAYER, state_checksum
 from fedmergenet.results import ARMS, read_metrics, read_summary
 
@@ -152,6 +152,18 @@ def test_runner_rejects_bad_options_with_one_line(args: list[str], expected: str
     result = subprocess.run(_python("run_federated_mergenet.py", *args), cwd=ROOT, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=120)
     assert expected in _one_line_error(result)
+
+
+def test_the_central_arms_and_teacher_pretraining_run_without_flower() -> None:
+    """What the central arms and the teacher need lives in data/, models/, training, results."""
+    code = ("import sys\n"
+            "from fedmergenet.experiments import baseline, pretrain\n"
+            "from fedmergenet.results import library_versions\n"
+            "assert library_versions()['flwr'] != 'unknown'\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_server_needs_tls_or_an_explicit_insecure() -> None:

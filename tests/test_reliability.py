@@ -19,8 +19,7 @@ import torch
 
 from fedmergenet.config import STRATEGIES, RunConfig
 from fedmergenet.experiments.federated import run_simulation
-from fedmergenet.flower.task import initial_student
-from fedmergenet.models import STUDENT_LAYER
+from fedmergenet.models import STUDENT_LAYER, initial_student
 from fedmergenet.flower.runtime import free_port
 from fedmergenet.results import read_metrics, read_summary
 

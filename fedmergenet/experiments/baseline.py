@@ -17,9 +17,9 @@ from ..atomic import save_torch
 from ..checks import check_run
 from ..config import RunConfig
 from ..data import make_loader, split_train_val
-from ..flower.task import client_partitions, initial_student, test_loader, train_set
+from ..data.splits import client_partitions, test_loader, train_set
 from ..fusion import KnowledgeFusionUnit
-from ..models import STUDENT_LAYER, TEACHER_LAYER
+from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student
 from ..results import append_metrics, metrics_row, read_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
 from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch

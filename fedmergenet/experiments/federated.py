@@ -40,7 +40,7 @@ def record_partitions(cfg: RunConfig, out: Path, echo: bool = True) -> None:
     import json
 
     from ..data import format_partition_report, partition_report
-    from ..flower.task import client_partitions, train_set
+    from ..data.splits import client_partitions, train_set
 
     dataset = train_set(cfg)
     report = partition_report(dataset.labels, client_partitions(cfg), dataset.num_classes)

@@ -11,7 +11,7 @@ import torch
 from ..checks import writable_dir
 from ..config import RunConfig, validate
 from ..data import make_loader
-from ..flower.task import test_loader, train_set
+from ..data.splits import test_loader, train_set
 from ..models import build_teacher
 from ..teacher import save_teacher
 from ..training import evaluate, make_optimizer, pick_device, seed_everything, train_epoch

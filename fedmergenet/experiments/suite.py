@@ -46,7 +46,7 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
 
 
 def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
-    from ..flower.task import test_set, train_set
+    from ..data.splits import test_set, train_set
 
     teacher_images = 0
     if not cfg.random_teacher and not cfg.teacher_path().is_file():

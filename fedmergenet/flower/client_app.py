@@ -19,7 +19,9 @@ from ..config import RunConfig
 from ..training import evaluate as evaluate_model
 from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn,
                         train_epoch)
-from .task import as_float, client_data, scalars_from, global_epoch, load_arrays, new_student, with_dtypes
+from ..data.splits import client_data
+from ..models import new_student
+from .task import as_float, global_epoch, load_arrays, scalars_from, with_dtypes
 
 app = ClientApp()
 

@@ -14,14 +14,15 @@ from ..atomic import save_torch
 from ..config import RunConfig, validate
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
-from ..models import STUDENT_LAYER, TEACHER_LAYER, state_checksum
+from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, state_checksum
 from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .state import ServerState, load_state, save_state
 from .aggregation import build_strategy, describe
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
-from .task import initial_student, load_arrays, test_loader, train_set
+from ..data.splits import test_loader, train_set
+from .task import load_arrays
 
 app = ServerApp()
 

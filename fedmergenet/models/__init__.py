@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import RunConfig
 from .mobilenetv2 import MobileNetV2
 from .resnet import ResNet50
 
@@ -20,6 +21,20 @@ def build_teacher(num_classes: int = 100, in_channels: int = 3) -> ResNet50:
     return ResNet50(num_classes=num_classes, in_channels=in_channels)
 
 
+def new_student(cfg: RunConfig) -> MobileNetV2:
+    """A student whose weights are about to be overwritten (clients load the global model)."""
+    from ..data.splits import train_set
+
+    return build_student(num_classes=train_set(cfg).num_classes)
+
+
+def initial_student(cfg: RunConfig) -> MobileNetV2:
+    """The starting weights, a function of the seed alone: every arm of a comparison starts equal."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return new_student(cfg)
+
+
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
     """A SHA-256 over every tensor by name: equal checksums mean equal models."""
     import hashlib
@@ -34,4 +49,5 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["MobileNetV2", "ResNet50", "STUDENT_LAYER", "TEACHER_LAYER", "build_student", "build_teacher", "state_checksum"]
+__all__ = ["MobileNetV2", "ResNet50", "STUDENT_LAYER", "TEACHER_LAYER", "build_student", "build_teacher",
+           "initial_student", "new_student", "state_checksum"]
