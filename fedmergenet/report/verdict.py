@@ -1,0 +1,149 @@
+"""The conclusion in words, from the numbers: gaps against the spread over seeds, the trained
+teacher against its placebo and each strategy against FedAvg, paired by seed."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from fedmergenet.results import (
+    PLACEBO_OF,
+    RunResult,
+)
+
+from .numbers import ArmStats, Comparison
+from .runs import arm_order
+
+
+def _no_clear_reason(a: ArmStats, b: ArmStats) -> str | None:
+    """Why the gap between two arms is not a clear difference, or None if it is."""
+    single = [x.arm for x in (a, b) if x.n < 2]
+    if len(single) == 2:
+        return "one seed per arm, so the spread over seeds is unknown"
+    if single:
+        return f"{single[0]} has one seed, so its spread over seeds is unknown"
+    gap = abs(a.final_top1 - b.final_top1)
+    spread = max(a.final_top1_std or 0.0, b.final_top1_std or 0.0)
+    if gap <= spread:
+        return f"gap within the seeds' spread (std up to {spread * 100:.1f} pp)"
+    low, high = (a, b) if a.final_top1 < b.final_top1 else (b, a)
+    if low.final_top1_max >= high.final_top1_min:
+        return "the seeds' ranges overlap"
+    return None
+
+
+def _verdict(a: ArmStats, b: ArmStats) -> str:
+    reason = _no_clear_reason(a, b)
+    return "a clear difference" if reason is None else f"no clear difference ({reason})"
+
+
+def _fed_vs_central(table: Comparison) -> str | None:
+    """The question the project asks: does federated MergeNet keep up with central MergeNet?"""
+    fed, cen = table.arm("fedavg_mergenet"), table.arm("central_mergenet")
+    if fed is None or cen is None:
+        return None
+    diff = (fed.final_top1 - cen.final_top1) * 100
+    question = "Does fedavg_mergenet match or beat central_mergenet?"
+    reason = _no_clear_reason(fed, cen)
+    if reason is None:
+        answer = (f"yes, it beats it by {diff:.1f} pp" if diff > 0
+                  else f"no, it is {-diff:.1f} pp lower")
+        return f"{question} {answer} (a clear difference)."
+    if fed.n < 2 or cen.n < 2:
+        return f"{question} cannot tell: {diff:+.1f} pp, no clear difference ({reason})."
+    return f"{question} yes, it matches it: {diff:+.1f} pp, no clear difference ({reason})."
+
+
+def paired_gaps(runs: Sequence[RunResult], arm: str, control: str) -> dict[int, float]:
+    """Final top-1 of ``arm`` minus ``control``, seed by seed (same seed: same start and data order)."""
+    finals = {(r.arm, r.seed): float(r.summary["final_top1"]) for r in runs}
+    seeds = sorted(s for a, s in finals if a == arm and (control, s) in finals)
+    return {s: finals[(arm, s)] - finals[(control, s)] for s in seeds}
+
+
+@dataclass(frozen=True)
+class PairedGap:
+    """``arm`` minus ``control`` in pp: the mean over paired seeds and its spread (sample std of
+    the per-seed gaps; None with one seed)."""
+
+    mean: float
+    spread: float | None
+    seeds: list[int]
+
+
+def paired_gap(runs: Sequence[RunResult], arm: str, control: str) -> PairedGap | None:
+    gaps = paired_gaps(runs, arm, control)
+    if not gaps:
+        return None
+    spread = statistics.stdev(gaps.values()) * 100 if len(gaps) > 1 else None
+    return PairedGap(statistics.fmean(gaps.values()) * 100, spread, list(gaps))
+
+
+def placebo_of(arm: str) -> str | None:
+    """The control of a MergeNet arm (``fedadam_mergenet`` -> ``fedadam_placebo``), else None."""
+    return PLACEBO_OF.get(arm) or (arm.removesuffix("_mergenet") + "_placebo" if arm.endswith("_mergenet") else None)
+
+
+def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
+    """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
+    the spread (sample std) of the paired gaps over seeds."""
+    control = placebo_of(arm)
+    gap = paired_gap(runs, arm, control) if control else None
+    if gap is None:
+        return None
+    mean, spread = gap.mean, gap.spread
+    question = f"Does the trained teacher help {arm} beyond its placebo {control}?"
+    if spread is None:
+        return (f"{question} cannot tell: {mean:+.1f} pp on one paired seed, so the spread over seeds is "
+                "unknown and nothing is credited to the teacher.")
+    seeds = ", ".join(map(str, gap.seeds))
+    detail = f"{mean:+.1f} pp, paired over seeds {seeds}, spread (std of the gaps) {spread:.1f} pp"
+    if mean > spread:
+        return f"{question} yes: {detail}; the gain exceeds the spread, so it is credited to the teacher's knowledge."
+    if -mean > spread:
+        return f"{question} no, it hurts: {detail}; the trained teacher does worse than its placebo."
+    return (f"{question} not shown: {detail}; the gap is within the spread, so no gain can be credited to "
+            "the teacher (what fusion does here, perturbation does as well).")
+
+
+def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
+    """The verdict in words, from the table's numbers; the first line is the headline. With the
+    runs, the trained-teacher arms are also compared with their placebos, paired by seed."""
+    ranked = sorted(table.arms, key=lambda a: a.final_top1, reverse=True)
+    best = ranked[0]
+    head = f"Best arm by mean final top-1: {best.arm} ({best.final_top1 * 100:.1f}%)"
+    if len(ranked) == 1:
+        return head + "; it is the only arm, so there is nothing to compare."
+    runner = ranked[1]
+    gap = (best.final_top1 - runner.final_top1) * 100
+    lines = [f"{head}, {gap:.1f} pp above the runner-up {runner.arm} "
+             f"({runner.final_top1 * 100:.1f}%): {_verdict(best, runner)}."]
+    for other in ranked[2:]:
+        gap = (best.final_top1 - other.final_top1) * 100
+        lines.append(f"{best.arm} vs {other.arm} ({other.final_top1 * 100:.1f}%): "
+                     f"{gap:.1f} pp above, {_verdict(best, other)}.")
+    answer = _fed_vs_central(table)
+    if answer:
+        lines.append(answer)
+    arms = arm_order({r.arm for r in runs})
+    lines += [line for arm in arms if (line := teacher_credit(runs, arm))]
+    lines += [line for arm in arms if (line := strategy_difference(runs, arm))]
+    return "\n".join(lines)
+
+
+def strategy_difference(runs: Sequence[RunResult], arm: str) -> str | None:
+    """A federated arm against the FedAvg arm with the same fusion: runs that differ only in the
+    server strategy (or DP), paired by seed; a difference counts when it exceeds the spread."""
+    aggregation = arm.split("_")[0]  # arm names are <aggregation>[_mergenet|_placebo]
+    if aggregation in ("central", "fedavg"):
+        return None
+    control = "fedavg" + arm.removeprefix(aggregation)
+    gap = paired_gap(runs, arm, control)
+    if gap is None:
+        return None
+    head = f"{arm} vs {control} (only the strategy differs): {gap.mean:+.1f} pp"
+    if gap.spread is None:
+        return f"{head} on one paired seed; the spread over seeds is unknown, so no difference is claimed."
+    verdict = "a clear difference" if abs(gap.mean) > gap.spread else "within the spread, no clear difference"
+    return f"{head}, paired over seeds {', '.join(map(str, gap.seeds))}, spread {gap.spread:.1f} pp: {verdict}."
