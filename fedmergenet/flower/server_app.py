@@ -83,7 +83,6 @@ class FederatedRun:
             recalibrate_bn=cfg.recalibrate_bn,
         )
         self.best_top1 = -1.0
-        self.round_offset = 0
 
     def _fusion_unit(self) -> KnowledgeFusionUnit:
         teacher_matrix = self.teacher.state_dict()[TEACHER_LAYER]
@@ -95,8 +94,7 @@ class FederatedRun:
 
     # --- per round --------------------------------------------------------------------
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower calls this at the end of each round (and for round 0): evaluate, record, save."""
-        server_round += self.round_offset
+        """After each round (and for round 0): evaluate the global model, record, save the state."""
         load_arrays(self.student, arrays)
         self.student.to(self.device)
         start = time.perf_counter()
@@ -192,20 +190,11 @@ class FederatedRun:
             log(INFO, "Nothing to resume: all %s rounds are done", self.cfg.rounds)
             write_summary(self.out, self.summary(status="completed"))
             return
-        self.round_offset = done
-        self.strategy.round_offset = done
         teacher_before = state_checksum(self.teacher.state_dict()) if self.teacher else None
         status, error = "completed", None
         try:
-            result = self.strategy.start(
-                grid=grid,
-                initial_arrays=arrays,
-                num_rounds=self.cfg.rounds - done,
-                timeout=self.cfg.round_timeout,
-                train_config=ConfigRecord({"local-epochs": self.cfg.local_epochs}),
-                evaluate_fn=self.evaluate_round if done == 0 else self._evaluate_skip_zero,
-            )
-            load_arrays(self.student, result.arrays if result.arrays else arrays)
+            arrays = self.rounds(grid, arrays, first=done + 1)
+            load_arrays(self.student, arrays)
             save_torch(self.out / "final_model.pt", self.student.state_dict())
         except NodeWaitTimeout as exc:
             status, error = "stopped", str(exc)
@@ -215,9 +204,33 @@ class FederatedRun:
         write_summary(self.out, self.summary(status=status, error=error))
         log(INFO, "Results: %s", self.out)
 
-    def _evaluate_skip_zero(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        # When resuming, round 0 of this start is the last completed round: already recorded.
-        return None if server_round == 0 else self.evaluate_round(server_round, arrays)
+    def rounds(self, grid: Grid, arrays: ArrayRecord, first: int) -> ArrayRecord:
+        """The round loop, rounds ``first``..``rounds`` (a resumed run starts after its last
+        completed round). Each round: clients train, the strategy screens, aggregates and fuses;
+        clients recompute BatchNorm statistics (and evaluate); the server evaluates and saves."""
+        strategy, timeout = self.strategy, self.cfg.round_timeout
+        log(INFO, "Starting %s over %s, rounds %s..%s", type(strategy).__name__, type(strategy.base).__name__,
+            first, self.cfg.rounds)
+        strategy.summary()
+        if first == 1:
+            self.evaluate_round(0, arrays)
+        for server_round in range(first, self.cfg.rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
+            train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs})
+            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+                                            timeout=timeout)
+            aggregated, metrics = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:  # otherwise the round keeps the global model
+                arrays = aggregated
+                log(INFO, "Round %s train: %s", server_round, metrics)
+            replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            metrics = strategy.aggregate_evaluate(server_round, replies)  # pools BatchNorm statistics into arrays
+            if metrics is not None:
+                log(INFO, "Round %s evaluate (clients): %s", server_round, metrics)
+            result = self.evaluate_round(server_round, arrays)
+            log(INFO, "Round %s evaluate (server): %s", server_round, result)
+        return arrays
 
 
 @app.main()

@@ -174,8 +174,6 @@ class MergeNetFusion(Strategy):
         # The fused layer inside the global model now in circulation, until it is learned from.
         self.pending_fused: torch.Tensor | None = None
         self.rounds: dict[int, RoundLog] = {}
-        # A resumed run restarts Flower's round counter at 1; hooks translate to the real round.
-        self.round_offset = 0
         self.private = privatised(strategy)
         self._sent: ArrayRecord | None = None  # the global model this round's clients trained from
 
@@ -214,7 +212,6 @@ class MergeNetFusion(Strategy):
             time.sleep(1.0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
         base = self.base
         self.wait_for_nodes(grid, max(base.min_available_nodes, base.min_train_nodes))
         if isinstance(base, FedAvgM) and base.current_arrays is not None:
@@ -229,7 +226,6 @@ class MergeNetFusion(Strategy):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
         base = self.base
         if base.fraction_evaluate == 0.0:
             return []
@@ -263,7 +259,6 @@ class MergeNetFusion(Strategy):
         return sound
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
         log_ = self.round_log(server_round)
         sound = self.screen_replies(server_round, replies)
         start = time.perf_counter()
@@ -320,7 +315,6 @@ class MergeNetFusion(Strategy):
         log_.gate = unit.gate_value
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round += self.round_offset
         replies = list(replies)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         log_ = self.round_log(server_round)
