@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,78 +48,95 @@ class AdapterConfig:
     mode: str = "gated"
 
 
+def opt(default: Any, help: str) -> Any:
+    """A RunConfig option: its default and its help text, in one place."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
     """Every option of a run. Field ``foo_bar`` is flag ``--foo-bar`` and run-config key ``foo-bar``."""
 
     # Data
-    dataset: str = "cifar100"
-    data_dir: str = "data"
-    train_limit: int = 0  # 0 = the whole training set
-    test_limit: int = 0  # 0 = the whole test set
-    val_fraction: float = 0.1  # each client's local validation split
+    dataset: str = opt("cifar100", "dataset: fashion-mnist (offline here) or cifar100")
+    data_dir: str = opt("data", "where datasets are read from / downloaded to")
+    train_limit: int = opt(0, "use this many training images (0 = all), chosen by seed")
+    test_limit: int = opt(0, "use this many test images (0 = all), chosen by seed")
+    val_fraction: float = opt(0.1, "each client's local validation split")
     # Federation
-    rounds: int = 50
-    local_epochs: int = 5
-    batch_size: int = 128
-    num_clients: int = 3
-    clients_per_round: int = 0  # 0 = every client
-    min_clients: int = 0  # 0 = clients_per_round (or every client)
-    alpha: float = 0.0  # Dirichlet label skew; 0 = IID
+    rounds: int = opt(50, "federated rounds")
+    local_epochs: int = opt(5, "local epochs per round")
+    batch_size: int = opt(128, "mini-batch size of local (and central) training")
+    num_clients: int = opt(3, "number of clients (data partitions)")
+    clients_per_round: int = opt(0, "clients sampled per round (0 = all)")
+    min_clients: int = opt(0, "minimum connected clients before a round starts (0 = clients per round)")
+    alpha: float = opt(0.0, "Dirichlet label-skew concentration (> 0); leave unset for IID")
     # Server strategy. 0 for server_lr / tau means the chosen strategy's own Flower default.
-    strategy: str = "fedavg"
-    server_lr: float = 0.0  # FedAvgM server_learning_rate; FedAdam / FedYogi / FedAdagrad eta
-    server_momentum: float = 0.0  # FedAvgM
-    beta1: float = 0.9  # FedAdam, FedYogi
-    beta2: float = 0.99  # FedAdam, FedYogi
-    tau: float = 0.0  # FedAdam, FedYogi, FedAdagrad: adaptivity
-    proximal_mu: float = 0.0  # FedProx: the clients add mu/2 * ||w - w_global||^2 to their loss
-    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut from each end
-    byzantine: int = 0  # Krum, Bulyan: number of malicious clients to tolerate
+    strategy: str = opt("fedavg", f"server aggregation: {', '.join(STRATEGIES)} (Flower's strategies; fusion "
+                                  "runs on their aggregate)")
+    server_lr: float = opt(0.0, "server learning rate: FedAvgM's server_learning_rate, FedAdam/FedYogi/FedAdagrad's "
+                                "eta (0 = Flower's default: 1.0 / 0.1 / 0.01 / 0.1)")
+    server_momentum: float = opt(0.0, "FedAvgM's server momentum (Flower's default 0.0)")
+    beta1: float = opt(0.9, "FedAdam/FedYogi first-moment decay (Flower's default 0.9)")
+    beta2: float = opt(0.99, "FedAdam/FedYogi second-moment decay (Flower's default 0.99)")
+    tau: float = opt(0.0, "FedAdam/FedYogi/FedAdagrad adaptivity (0 = Flower's default 1e-3)")
+    proximal_mu: float = opt(
+        0.0, "FedProx's proximal weight mu; the clients add mu/2 * ||w - w_global||^2 (Flower's default 0.0)")
+    trim_beta: float = opt(0.2, "FedTrimmedAvg's fraction trimmed from each end (Flower's default 0.2)")
+    byzantine: int = opt(0, "Krum/Bulyan: malicious clients to tolerate (Flower's default 0)")
     # Differential privacy with Flower's wrappers (server-fixed) or wrapper + fixedclipping_mod (client-fixed)
-    dp: str = "none"
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 10.0
+    dp: str = opt("none", "differential privacy: none, server-fixed (server clips each update and adds noise) or "
+                          "client-fixed (clients clip, server adds noise); fusion runs on the privatised aggregate")
+    dp_noise_multiplier: float = opt(
+        1.0, "DP: Gaussian noise std as a multiple of the clipping norm, over the sampled clients")
+    dp_clipping_norm: float = opt(10.0, "DP: L2 norm every client update is clipped to")
     # Local optimiser, as the single-machine MergeNet baseline
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_milestones: str = "0.3,0.6,0.8"  # fractions of the run's epochs, or whole epochs ("60,120,160")
-    lr_gamma: float = 0.2
+    lr: float = opt(0.1, "SGD learning rate before the milestones")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    lr_milestones: str = opt("0.3,0.6,0.8", "epochs where the lr drops: fractions of the run's epochs, or whole "
+                                            "epochs (60,120,160)")
+    lr_gamma: float = opt(0.2, "factor the learning rate is multiplied by at each milestone")
     # MergeNet fusion
-    fusion: bool = True
+    fusion: bool = opt(True, "disable MergeNet fusion (plain FedAvg)")
     # Clients recompute the averaged model's BatchNorm statistics on their data in the evaluate
     # phase (SWA's update_bn): averaged statistics do not describe averaged weights, and without
     # this the quick preset's FedAvg stayed at chance. Off: --no-recalibrate-bn (plain FedAvg).
-    recalibrate_bn: bool = True
-    fusion_start_round: int = 2
-    fusion_frequency: int = 1
-    fusion_mode: str = "gated"
-    fusion_batches: int = 1  # central baseline: fuse every this many batches (MergeNet's f)
-    adapter_lr: float = 0.001
-    adapter_heads: int = 8
-    adapter_layers: int = 2
-    adapter_warmup: int = 4
-    adapter_clip: float = 50.0
-    adapter_weight_decay: float = 0.0005
+    recalibrate_bn: bool = opt(True, "keep the averaged BatchNorm statistics (plain FedAvg) instead of having the "
+                                     "clients recompute them for the averaged model")
+    fusion_start_round: int = opt(2, "first round whose average is fused")
+    fusion_frequency: int = opt(1, "fuse every this many rounds")
+    fusion_mode: str = opt("gated", "gated (starts at identity) or replace (the original MergeNet)")
+    fusion_batches: int = opt(1, "central baseline: fuse every this many batches (MergeNet's f)")
+    adapter_lr: float = opt(
+        0.001, "ParamAttention adapter's learning rate (AdamW; constant for --adapter-warmup updates, then cosine)")
+    adapter_heads: int = opt(8, "attention heads of the adapter")
+    adapter_layers: int = opt(2, "ParamAttention layers in the adapter")
+    adapter_warmup: int = opt(4, "adapter updates at constant learning rate before its cosine decay")
+    adapter_clip: float = opt(50.0, "gradient-norm clip of the adapter's updates")
+    adapter_weight_decay: float = opt(0.0005, "adapter weight decay (not on biases, norms or the gate)")
     # Teacher
-    teacher_checkpoint: str = ""  # "" = checkpoints/teacher_resnet50_<dataset>.pt
-    random_teacher: bool = False
-    placebo_teacher: bool = False  # control arm: fuse from the teacher's fc.weight with its entries shuffled
-    teacher_epochs: int = 200
-    teacher_lr: float = 0.1  # peak of its warm-up + cosine schedule
-    teacher_train_limit: int = -1  # training images for the teacher: -1 = train_limit, 0 = the whole set
+    teacher_checkpoint: str = opt(
+        "", "teacher ResNet50 checkpoint (default checkpoints/teacher_resnet50_<dataset>.pt)")
+    random_teacher: bool = opt(False, "smoke tests only: use an untrained teacher (recorded in the results)")
+    placebo_teacher: bool = opt(False, "control arm: fuse from the teacher's fc.weight with its entries shuffled "
+                                       "(same shape and values, no knowledge)")
+    teacher_epochs: int = opt(200, "epochs of teacher pretraining when its checkpoint is missing")
+    teacher_lr: float = opt(0.1, "teacher pretraining: peak of its warm-up + cosine learning rate")
+    teacher_train_limit: int = opt(-1, "training images for the teacher: -1 = train_limit, 0 = the whole set")
     # Runtime
-    output_dir: str = ""  # "" = results/<arm>
-    seed: int = 0
-    device: str = "auto"  # client training device
-    server_device: str = "auto"  # fusion and central evaluation
-    client_threads: int = 0  # torch threads per client; 0 = torch's default (simulation sets its CPUs per client)
-    round_timeout: float = 3600.0  # seconds a train/evaluate phase may take
-    node_wait_timeout: float = 300.0  # seconds to wait for the minimum of clients
-    eval_batch_size: int = 256
-    skip_federated_eval: bool = False  # only the server's central evaluation (halves the messages per round)
-    resume: bool = False  # continue the run in output_dir from its last completed round
+    output_dir: str = opt("", "where metrics.jsonl, summary.json and models go")
+    seed: int = opt(
+        0, "seed of the data subset, partitions, initial weights and data order (same seed = paired runs)")
+    device: str = opt("auto", "client training device: cpu, cuda or auto")
+    server_device: str = opt("auto", "device of the fusion and the server's evaluation: cpu, cuda or auto")
+    client_threads: int = opt(
+        0, "torch threads per client; 0 = torch's default (simulation sets its CPUs per client)")
+    round_timeout: float = opt(3600.0, "seconds a train/evaluate phase may take")
+    node_wait_timeout: float = opt(300.0, "seconds to wait for the minimum of clients")
+    eval_batch_size: int = opt(256, "batch size of evaluation")
+    skip_federated_eval: bool = opt(False, "only the server's central evaluation (halves the messages per round)")
+    resume: bool = opt(False, "continue the run in output_dir from its last completed round")
 
     # --- derived values -------------------------------------------------------------
     @property
@@ -336,52 +353,12 @@ def apply_preset(name: str, base: RunConfig | None = None) -> RunConfig:
 # --- command line ----------------------------------------------------------------------
 # Extra spellings users of the original scripts know.
 FLAG_ALIASES = {"num_clients": ["--num_clients"]}
-FLAG_HELP = {
-    "dataset": "dataset: fashion-mnist (offline here) or cifar100",
-    "data_dir": "where datasets are read from / downloaded to",
-    "train_limit": "use this many training images (0 = all), chosen by seed",
-    "test_limit": "use this many test images (0 = all), chosen by seed",
-    "rounds": "federated rounds",
-    "local_epochs": "local epochs per round",
-    "num_clients": "number of clients (data partitions)",
-    "clients_per_round": "clients sampled per round (0 = all)",
-    "min_clients": "minimum connected clients before a round starts (0 = clients per round)",
-    "alpha": "Dirichlet label-skew concentration (> 0); leave unset for IID",
-    "fusion": "disable MergeNet fusion (plain FedAvg)",
-    "recalibrate_bn": "keep the averaged BatchNorm statistics (plain FedAvg) instead of having the clients "
-                      "recompute them for the averaged model",
-    "fusion_start_round": "first round whose average is fused",
-    "fusion_frequency": "fuse every this many rounds",
-    "fusion_mode": "gated (starts at identity) or replace (the original MergeNet)",
-    "teacher_checkpoint": "teacher ResNet50 checkpoint (default checkpoints/teacher_resnet50_<dataset>.pt)",
-    "random_teacher": "smoke tests only: use an untrained teacher (recorded in the results)",
-    "placebo_teacher": "control arm: fuse from the teacher's fc.weight with its entries shuffled (same shape and "
-                       "values, no knowledge)",
-    "output_dir": "where metrics.jsonl, summary.json and models go",
-    "device": "client training device: cpu, cuda or auto",
-    "strategy": f"server aggregation: {', '.join(STRATEGIES)} (Flower's strategies; fusion runs on their aggregate)",
-    "server_lr": "server learning rate: FedAvgM's server_learning_rate, FedAdam/FedYogi/FedAdagrad's eta "
-                 "(0 = Flower's default: 1.0 / 0.1 / 0.01 / 0.1)",
-    "server_momentum": "FedAvgM's server momentum (Flower's default 0.0)",
-    "beta1": "FedAdam/FedYogi first-moment decay (Flower's default 0.9)",
-    "beta2": "FedAdam/FedYogi second-moment decay (Flower's default 0.99)",
-    "tau": "FedAdam/FedYogi/FedAdagrad adaptivity (0 = Flower's default 1e-3)",
-    "proximal_mu": "FedProx's proximal weight mu; the clients add mu/2 * ||w - w_global||^2 (Flower's default 0.0)",
-    "trim_beta": "FedTrimmedAvg's fraction trimmed from each end (Flower's default 0.2)",
-    "byzantine": "Krum/Bulyan: malicious clients to tolerate (Flower's default 0)",
-    "dp": "differential privacy: none, server-fixed (server clips each update and adds noise) or client-fixed "
-          "(clients clip, server adds noise); fusion runs on the privatised aggregate",
-    "dp_noise_multiplier": "DP: Gaussian noise std as a multiple of the clipping norm, over the sampled clients",
-    "dp_clipping_norm": "DP: L2 norm every client update is clipped to",
-}
-
-
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Add one flag per RunConfig field; unset flags stay None so presets can fill them."""
     group = parser.add_argument_group("run options")
     for f in fields(RunConfig):
         flag = "--" + key_of(f.name)
-        help_text = FLAG_HELP.get(f.name, f"(default {f.default})")
+        help_text = f.metadata["help"]
         if f.default is True:  # on by default: the flag turns it off
             group.add_argument("--no-" + key_of(f.name), dest=f.name, action="store_const", const=False, default=None,
                                help=help_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tomllib
 
 import pytest
@@ -13,6 +14,7 @@ from fedmergenet.config import (
     add_run_options,
     apply_preset,
     config_from_args,
+    key_of,
     resolve_milestones,
     validate,
 )
@@ -68,6 +70,18 @@ def test_validate_rejects_options_out_of_range(changes, words):
     with pytest.raises(ConfigError, match=words) as info:
         validate(RunConfig(**changes))
     assert "\n" not in str(info.value)
+
+
+def test_every_option_is_defined_once_with_its_help_and_reaches_every_form():
+    """RunConfig is the one definition: each field carries its help, and is a flag, a run-config
+    key (pyproject, checked above) and a preset key."""
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata.get("help"), f.name
+        assert ({f"--{key_of(f.name)}", f"--no-{key_of(f.name)}"} & flags) or f.name == "resume", f.name
+    assert "--resume" in flags
 
 
 def test_validate_accepts_the_defaults():
