@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fedmergenet.config import RunConfig, apply_preset
-from fedmergenet.experiments.federated import run_simulation
+from fedmergenet.launcher.federated import run_simulation
 from fedmergenet.flower.client_app import local_train
 from fedmergenet.data.splits import client_data
 from fedmergenet.models import initial_student

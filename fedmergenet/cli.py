@@ -56,7 +56,7 @@ def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
 
 
 def _tls(args: argparse.Namespace, server: bool):
-    from .flower.runtime import Tls
+    from .launcher.flwr_cli import Tls
 
     if args.insecure:
         print("warning: --insecure: traffic between SuperLink and SuperNodes is not encrypted", file=sys.stderr)
@@ -161,7 +161,7 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
         pretrain_teacher(cfg)
         return 0
     if args.suite:
-        from .experiments.suite import run_suite
+        from .launcher.suite import run_suite
 
         seeds = args.seeds or [cfg.seed, cfg.seed + 1]
         run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
@@ -176,11 +176,11 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
 
         out = run_central(cfg, mergenet=cfg.fusion, cotrain_teacher=args.cotrain_teacher)
     elif args.mode == "deployment":
-        from .experiments.deployment import run_deployment
+        from .launcher.deployment import run_deployment
 
         out = run_deployment(cfg, args.server_address)
     else:
-        from .experiments.federated import run_simulation
+        from .launcher.federated import run_simulation
 
         out = run_simulation(cfg)
     print(f"results: {out}")
@@ -208,7 +208,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     cfg = _config(args)
     tls = _tls(args, server=True)
     node_keys = _node_public_keys(args.auth_supernode_keys)  # serve() refuses them without TLS
-    from .experiments.federated import serve
+    from .launcher.federated import serve
 
     out = serve(cfg, host=args.host, port=args.port, tls=tls, node_keys=node_keys)
     print(f"results: {out}")
@@ -237,7 +237,7 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     auth_key = args.auth_supernode_private_key
     if auth_key is not None:
         _check_node_key(Path(auth_key), private=True)
-    from .experiments.federated import join
+    from .launcher.federated import join
 
     return join(args.client_id, args.num_clients, args.server_address, args.device, args.port, tls, args.max_wait_time,
                 Path(auth_key) if auth_key else None, args.threads)

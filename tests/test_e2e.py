@@ -17,7 +17,7 @@ import torch
 from fedmergenet.config import RunConfig
 from fedmergenet.experiments.baseline import run_central, union_of_client_data
 from fedmergenet.experiments.estimate import Estimate, estimate_suite
-from fedmergenet.experiments.suite import run_suite
+from fedmergenet.launcher.suite import run_suite
 from fedmergenet.data.splits import client_data
 from fedmergenet.models import STUDENT_LAYER, state_checksum
 from fedmergenet.results import ARMS, read_metrics, read_summary
@@ -256,11 +256,16 @@ def test_flwr_run_gets_a_slim_copy_of_the_app_with_the_same_bundle(tmp_path: Pat
 
     from flwr.cli.build import build_fab_from_disk
 
-    from fedmergenet.flower.runtime import stage_app
+    from fedmergenet.launcher.flwr_cli import stage_app
 
     staged = stage_app(ROOT, tmp_path / "app")
     assert not (staged / ".venv").exists() and not (staged / ".git").exists()
     bundle = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(staged))).namelist())
-    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fedmergenet").rglob("*.py")}
-    expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "config").glob("*.yaml")}
-    assert bundle == expected | {"pyproject.toml", ".info/CONTENT"}
+    package = ROOT / "fedmergenet"
+    app = [*(package / name for name in ("__init__.py", "atomic.py", "config.py", "errors.py", "results.py",
+                                         "teacher.py", "training.py")),
+           *(p for sub in ("data", "models", "fusion", "flower") for p in (package / sub).glob("*.py"))]
+    assert bundle == {p.relative_to(ROOT).as_posix() for p in app} | {"pyproject.toml", ".info/CONTENT"}
+    # The app only: no launcher, CLI, report or central arms inside the bundle.
+    assert not any(name.startswith(("fedmergenet/launcher", "fedmergenet/report", "fedmergenet/experiments",
+                                    "fedmergenet/cli.py")) for name in bundle)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fedmergenet.config import STRATEGIES, RunConfig
-from fedmergenet.experiments.federated import run_simulation
+from fedmergenet.launcher.federated import run_simulation
 from fedmergenet.models import STUDENT_LAYER, initial_student
-from fedmergenet.flower.runtime import free_port
+from fedmergenet.launcher.processes import free_port
 from fedmergenet.results import read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parents[1]

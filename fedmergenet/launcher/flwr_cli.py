@@ -1,5 +1,5 @@
-"""Flower's runtimes, driven for the user: a SuperLink (simulation or deployment), SuperNodes,
-and ``flwr run`` with the run's real status checked.
+"""Flower's runtimes, driven for the user: the commands of a SuperLink (simulation or
+deployment) and SuperNodes, the CLI's connections, and ``flwr run`` with the run's real status.
 
 Flower 1.42 details the scripts own so users never meet them (see the project notes):
 one SuperLink port; connections live in ``$FLWR_HOME/config.toml`` (we use a project-local
@@ -9,29 +9,21 @@ even when the run failed, so the status is read back with ``flwr ls``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import tomli_w
 
 from ..config import PROJECT_ROOT
-from ..errors import UserError
-
-
-class RuntimeFailure(UserError):
-    """A Flower process did not start, or a run did not complete."""
+from .processes import RuntimeFailure, _die_with_parent, stop_process, tee
 
 
 @dataclass(frozen=True)
@@ -57,33 +49,6 @@ def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
     # The package must import from the ServerApp/ClientApp processes wherever they run.
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeFailure(f"{process.args[0]} exited with code {process.returncode} before listening on {host}:{port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            return
-        time.sleep(0.3)
-    raise RuntimeFailure(f"nothing listened on {host}:{port} within {timeout:.0f} s")
 
 
 def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None, options: dict[str, Any] | None = None) -> None:
@@ -114,119 +79,6 @@ def remove_connection(flwr_home: Path, name: str) -> None:
     config = tomllib.loads(path.read_text())
     if config.get("superlink", {}).pop(name, None) is not None:
         path.write_text(tomli_w.dumps(config))
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group (Flower's children included), then SIGKILL what is left."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    """Children of a group leader outlive it; sweep the group after the leader is gone."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def _die_with_parent() -> None:
-    """Linux: deliver SIGTERM to the child when its parent dies, even by SIGKILL."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Processes:
-    """Child processes started for a run; all of them are stopped on exit, whatever happens."""
-
-    started: list[subprocess.Popen] = field(default_factory=list)
-    logs: list[TextIO] = field(default_factory=list)
-
-    def start(self, command: Sequence[str], log_path: Path | None, env: dict[str, str],
-              pipe: bool = False) -> subprocess.Popen:
-        """Start in its own process group; output to ``log_path`` (None: this terminal, or a
-        pipe to read); it is sent SIGTERM if this process dies without cleaning up."""
-        handle = None
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop_all
-            self.logs.append(handle)
-        process = subprocess.Popen(
-            list(command), stdout=subprocess.PIPE if pipe else handle, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True, text=pipe or None,
-            preexec_fn=_die_with_parent,
-        )
-        self.started.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
-            stop_process(process)
-            kill_group(process)
-        for handle in self.logs:
-            handle.close()
-
-
-@contextlib.contextmanager
-def managed() -> Iterator[Processes]:
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
-def tee(lines: Iterable[str], log_file: TextIO, echo: bool) -> Iterator[str]:
-    """Pass a Flower process's output lines on, each first written to its log (and, with
-    ``echo``, to this terminal) at once, so both are current while the caller reads them."""
-    for line in lines:
-        log_file.write(line)
-        log_file.flush()
-        if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        yield line
-
-
-def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_when: Sequence[str], joined: str,
-           refused: str) -> int:
-    """Run a Flower process in the foreground: its output to this terminal and ``log_path``;
-    stopped (with its children) on Ctrl-C, on SIGTERM, or once it prints one of ``stop_when``
-    (its children may keep the pipe open after it exits, so the end is read from its words).
-    Exit code 0 when it had printed ``joined`` first (it served, then the server left), else 1."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    was_joined = was_refused = False
-    with open(log_path, "a", encoding="utf-8") as log_file, managed() as processes:
-        process = processes.start(command, None, env, pipe=True)
-        assert process.stdout is not None
-        with process.stdout:
-            for line in tee(process.stdout, log_file, echo=True):
-                was_joined = was_joined or joined in line
-                was_refused = was_refused or refused in line
-                if any(marker in line for marker in stop_when):
-                    break
-        if was_joined:
-            print("The server is gone: this client stopped.", flush=True)
-            return 0
-        if was_refused:
-            print("error: the server refused this client: it authenticates clients and this one's key is not "
-                  "registered (--auth-supernode-private-key)", file=sys.stderr, flush=True)
-            return 1
-        if process.poll() is None or process.returncode == 0:
-            print("error: could not connect to the server (wrong address, TLS settings, or not running)",
-                  file=sys.stderr, flush=True)
-            return 1
-        return process.wait()
 
 
 def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path,
@@ -270,6 +122,8 @@ def supernode_command(superlink: str, port: int, partition_id: int, num_partitio
 # Flower's own `flwr supernode register KEY CONNECTION`, once per key, in one interpreter:
 # a `flwr` process per key costs ~2 s each, and a client whose key is not registered yet
 # when it first knocks is turned away.
+
+
 _REGISTER = """
 import sys
 from flwr.cli.app import app
@@ -304,6 +158,8 @@ def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:
 
 
 # What Flower 1.42 can put in an app bundle (FAB); everything else is filtered out anyway.
+
+
 FAB_SUFFIXES = {".py", ".toml", ".md", ".yaml", ".json"}
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from ..checks import check_run
 from ..config import RunConfig
+from ..experiments.baseline import run_central, union_of_client_data
+from ..experiments.estimate import Estimate, estimate_suite
+from ..experiments.pretrain import ensure_teacher, teacher_data_config
 from ..results import ARMS as SUITE_ARMS
-from .baseline import run_central, union_of_client_data
-from .estimate import Estimate, estimate_suite
 from .federated import run_simulation
-from .pretrain import ensure_teacher, teacher_data_config
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,

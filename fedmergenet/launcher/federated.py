@@ -11,9 +11,9 @@ from pathlib import Path
 from ..checks import check_run
 from ..config import PROJECT_ROOT, RunConfig, validate
 from ..errors import ConfigError
-from ..flower import runtime
-from ..flower.runtime import Tls
 from ..results import read_summary
+from . import flwr_cli, processes
+from .flwr_cli import Tls
 
 LOG_DIR = PROJECT_ROOT / "logs"
 
@@ -58,7 +58,7 @@ def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
     if status != "finished:completed" or summary.get("status") != "completed":
         reason = summary.get("error") or (f"Flower reports the run as {status}" if summary or status != "finished:completed"
                                           else "the ServerApp stopped before writing a summary")
-        raise runtime.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
+        raise processes.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
     return out
 
 
@@ -67,26 +67,26 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
     cfg = preflight(cfg)
     if cfg.client_threads == 0:
         cfg = cfg.replace(client_threads=num_cpus_per_client)  # each Ray actor holds this many CPUs
-    env = runtime.flwr_env()
-    port = runtime.free_port()
+    env = flwr_cli.flwr_env()
+    port = processes.free_port()
     name = f"fedmergenet-sim-{port}"
     out = Path(cfg.output_dir)
     log_path = out / "flower.log"
     federation = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": num_cpus_per_client,
                   "init-args-num-cpus": ray_cpus(cfg, num_cpus_per_client)}
-    runtime.write_connection(Path(env["FLWR_HOME"]), name, f"127.0.0.1:{port}", tls=None)
-    run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
-    with runtime.managed() as processes:
-        link = processes.start(
-            runtime.superlink_command("127.0.0.1", port, simulation=True, tls=None,
+    flwr_cli.write_connection(Path(env["FLWR_HOME"]), name, f"127.0.0.1:{port}", tls=None)
+    run_config = flwr_cli.write_run_config(out / "run_config.toml", cfg.to_run_config())
+    with processes.managed() as children:
+        link = children.start(
+            flwr_cli.superlink_command("127.0.0.1", port, simulation=True, tls=None,
                                       log_file=out / "superlink.log"),
             out / "superlink.out", env,
         )
-        runtime.wait_for_port("127.0.0.1", port, timeout=60, process=link)
-        run_id = runtime.flwr_run(app_dir, name, run_config, env, log_path, echo=echo,
+        processes.wait_for_port("127.0.0.1", port, timeout=60, process=link)
+        run_id = flwr_cli.flwr_run(app_dir, name, run_config, env, log_path, echo=echo,
                                   federation_config=federation)
         status = wait_status(name, run_id, env)
-    runtime.remove_connection(Path(env["FLWR_HOME"]), name)
+    flwr_cli.remove_connection(Path(env["FLWR_HOME"]), name)
     return finish(cfg, status, log_path)
 
 
@@ -100,10 +100,10 @@ def ray_cpus(cfg: RunConfig, num_cpus_per_client: int) -> int:
 def wait_status(connection: str, run_id: int, env: dict[str, str], timeout: float = 30.0) -> str:
     """The stream can end a moment before the SuperLink marks the run finished."""
     deadline = time.monotonic() + timeout
-    status = runtime.run_status(connection, run_id, env)
+    status = flwr_cli.run_status(connection, run_id, env)
     while not status.startswith("finished") and time.monotonic() < deadline:
         time.sleep(1.0)
-        status = runtime.run_status(connection, run_id, env)
+        status = flwr_cli.run_status(connection, run_id, env)
     return status
 
 
@@ -114,31 +114,31 @@ def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092, tls: Tls | 
     if node_keys and tls is None:
         raise ConfigError("SuperNode authentication needs TLS: pass the certificate options instead of --insecure")
     cfg = preflight(cfg)
-    if runtime.port_in_use(host, port):
+    if processes.port_in_use(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; choose another with --port")
-    env = runtime.flwr_env()
+    env = flwr_cli.flwr_env()
     name = f"fedmergenet-{host.replace('.', '-')}-{port}"
     out = Path(cfg.output_dir)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / "federated_mergenet_server.log"
     address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    runtime.write_connection(Path(env["FLWR_HOME"]), name, address, tls=tls)
-    run_config = runtime.write_run_config(out / "run_config.toml", cfg.to_run_config())
-    with runtime.managed() as processes:
-        link = processes.start(
-            runtime.superlink_command(host, port, simulation=False, tls=tls,
+    flwr_cli.write_connection(Path(env["FLWR_HOME"]), name, address, tls=tls)
+    run_config = flwr_cli.write_run_config(out / "run_config.toml", cfg.to_run_config())
+    with processes.managed() as children:
+        link = children.start(
+            flwr_cli.superlink_command(host, port, simulation=False, tls=tls,
                                       log_file=LOG_DIR / "superlink.log", node_auth=bool(node_keys)),
             LOG_DIR / "superlink.out", env,
         )
-        runtime.wait_for_port(address.split(":")[0], port, timeout=60, process=link)
-        runtime.register_nodes(name, node_keys, env)
+        processes.wait_for_port(address.split(":")[0], port, timeout=60, process=link)
+        flwr_cli.register_nodes(name, node_keys, env)
         if echo:  # only now: a client knocking before its key is registered is turned away
             authenticated = f", {len(node_keys)} node key(s) registered" if node_keys else ""
             print(f"SuperLink listening on {host}:{port}{authenticated}; waiting for {cfg.min_available} client(s) "
                   f"(up to {cfg.node_wait_timeout:.0f} s)", flush=True)
-        run_id = runtime.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo)
+        run_id = flwr_cli.flwr_run(PROJECT_ROOT, name, run_config, env, log_path, echo=echo)
         status = wait_status(name, run_id, env)
-    runtime.remove_connection(Path(env["FLWR_HOME"]), name)
+    flwr_cli.remove_connection(Path(env["FLWR_HOME"]), name)
     return finish(cfg, status, log_path)
 
 
@@ -149,16 +149,16 @@ def join(client_id: int, num_clients: int, server_address: str, device: str = "c
         raise ConfigError(f"--client_id {client_id} must be in 0..{num_clients - 1} for --num_clients {num_clients}")
     if device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"unknown device {device!r}; choose one of cpu, cuda, auto")
-    env = runtime.flwr_env()
-    port = port or runtime.free_port()
+    env = flwr_cli.flwr_env()
+    port = port or processes.free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"federated_mergenet_client_{client_id}.log"
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0 = all cores), got {threads}")
-    command = runtime.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time,
+    command = flwr_cli.supernode_command(server_address, port, client_id, num_clients, device, tls, max_wait_time,
                                         auth_key, threads)
     print(f"Client {client_id}/{num_clients} joining {server_address}; log: {log_path}", flush=True)
-    return runtime.follow(command, env, log_path, stop_when=(GAVE_UP, EXITED), joined=JOINED, refused=REFUSED)
+    return processes.follow(command, env, log_path, stop_when=(GAVE_UP, EXITED), joined=JOINED, refused=REFUSED)
 
 
 # What flower-supernode 1.42 logs when the SuperLink stayed away past --max-wait-time; the

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import PROJECT_ROOT, RunConfig, to_flags
 from ..errors import ConfigError
-from ..flower import runtime
+from . import flwr_cli, processes
 from .federated import LOG_DIR, absolute
 
 
@@ -23,21 +23,21 @@ def split_address(address: str) -> tuple[str, int]:
 def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo: bool = True) -> Path:
     host, port = split_address(server_address)
     cfg = absolute(cfg)
-    if runtime.port_in_use(host, port):
+    if processes.port_in_use(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; choose another --server_address")
     python = sys.executable
-    env = runtime.flwr_env()
+    env = flwr_cli.flwr_env()
     # All clients share this machine's cores: oversubscribed torch threads ran 3-10x slower.
     threads = max(1, (os.cpu_count() or 1) // cfg.num_clients)
-    with runtime.managed() as processes:
-        server = processes.start(
+    with processes.managed() as children:
+        server = children.start(
             [python, str(PROJECT_ROOT / "federated_mergenet_server.py"), "--host", host, "--port", str(port),
              "--insecure", *to_flags(cfg)],
             None if echo else LOG_DIR / "run_server.out", env,
         )
-        runtime.wait_for_port(host, port, timeout=120, process=server)
+        processes.wait_for_port(host, port, timeout=120, process=server)
         for client_id in range(cfg.num_clients):
-            processes.start(
+            children.start(
                 [python, str(PROJECT_ROOT / "federated_mergenet_client.py"), "--client_id", str(client_id),
                  "--num_clients", str(cfg.num_clients), "--server_address", server_address, "--device", cfg.device,
                  "--insecure", "--max-wait-time", "20", "--threads", str(threads)],
@@ -45,5 +45,5 @@ def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo:
             )
         code = server.wait()
     if code != 0:
-        raise runtime.RuntimeFailure(f"the server exited with code {code}; see {LOG_DIR}")
+        raise processes.RuntimeFailure(f"the server exited with code {code}; see {LOG_DIR}")
     return Path(cfg.output_dir)
