@@ -199,28 +199,23 @@ def test_server_refuses_a_port_in_use_and_an_unwritable_output(tmp_path: Path, t
 
 
 @pytest.mark.parametrize("args", [
-    ["--central", "--no-fusion"],
-    ["--central", "--random-teacher"],
-    ["--no-fusion"],
+    ["--central", "--no-fusion", "--output-dir"],
+    ["--central", "--random-teacher", "--output-dir"],
+    ["--no-fusion", "--output-dir"],
+    ["--mode", "deployment", "--no-fusion", "--output-dir"],
     ["--suite", "--random-teacher", "--results-root"],
+    ["--pretrain-teacher", "--teacher-checkpoint"],
 ])
-def test_every_arm_refuses_an_unwritable_output_with_one_line(tmp_path: Path, args: list[str]) -> None:
-    """The same check on every door of the runner, before any training (checks.check_run)."""
+def test_every_door_of_the_runner_refuses_an_unwritable_output_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """The same check on every door, before any training (checks.check_run)."""
+    from fedmergenet.cli import runner_main
+
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    flag = [] if args[-1] == "--results-root" else ["--output-dir"]
-    result = subprocess.run(_python("run_federated_mergenet.py", *args, *flag, str(blocker / "out")), cwd=ROOT,
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    assert "not writable" in _one_line_error(result)
-
-
-def test_pretraining_refuses_an_unwritable_checkpoint_folder(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    result = subprocess.run(_python("run_federated_mergenet.py", "--pretrain-teacher", "--teacher-checkpoint",
-                                    str(blocker / "teacher.pt")),
-                            cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    assert "teacher checkpoint folder" in _one_line_error(result)
+    assert runner_main([*args, str(blocker / "out")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not writable" in errors[0], errors
 
 
 def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
