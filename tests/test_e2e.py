@@ -178,6 +178,7 @@ def test_client_id_must_be_one_of_the_partitions() -> None:
     assert "--client_id" in _one_line_error(result)
 
 
+@pytest.mark.slow  # two server processes, each importing torch and Flower
 @needs_fashion
 def test_server_refuses_a_port_in_use_and_an_unwritable_output(tmp_path: Path, teacher_file: Path) -> None:
     import socket
