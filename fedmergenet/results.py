@@ -23,8 +23,6 @@ from .atomic import write_text
 from .config import DP_MODES, STRATEGIES
 
 ARMS = ("central", "central_mergenet", "central_placebo", "fedavg", "fedavg_mergenet", "fedavg_placebo")
-# Each MergeNet arm and its control: the same fusion from a teacher whose fused matrix is shuffled.
-PLACEBO_OF = {"central_mergenet": "central_placebo", "fedavg_mergenet": "fedavg_placebo"}
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -33,14 +31,27 @@ ROW_KEYS = ("epoch_equiv", "test_top1", "test_top5", "test_loss", "fusion_applie
 SUMMARY_KEYS = ("arm", "best_top1", "final_top1", "config")
 
 
-def known_arm(name: str) -> bool:
-    """``central`` or a strategy (with its DP mode), then ``_mergenet`` / ``_placebo`` or nothing:
-    the names RunConfig.arm and the central baseline give."""
+def split_arm(name: str) -> tuple[str, str]:
+    """An arm's name as RunConfig.arm and the central baseline build it: its aggregation
+    (``central``, a strategy, a strategy with its DP mode) and its fusion (``""``, ``"mergenet"``
+    or ``"placebo"``)."""
     aggregation, _, fusion = name.partition("_")
+    return aggregation, fusion
+
+
+def known_arm(name: str) -> bool:
+    aggregation, fusion = split_arm(name)
     if fusion not in ("", "mergenet", "placebo"):
         return False
     strategy, dp, mode = aggregation.partition("-dp-")
     return aggregation == "central" or (strategy in STRATEGIES and (not dp or mode in DP_MODES[1:]))
+
+
+def placebo_of(arm: str) -> str | None:
+    """A MergeNet arm's control (``fedadam_mergenet`` -> ``fedadam_placebo``): the same fusion
+    from a teacher whose fused matrix is shuffled; None for other arms."""
+    aggregation, fusion = split_arm(arm)
+    return f"{aggregation}_placebo" if fusion == "mergenet" else None
 
 
 class ResultsError(ValueError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -68,7 +69,7 @@ def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     def train_as_float(msg: Message, context: Context) -> Message:
         reply = call_next(msg, context)
         if not reply.has_error():
-            dtypes.update({name: array.numpy().dtype for name, array in reply.content["arrays"].items()})
+            dtypes.update({name: np.dtype(array.dtype) for name, array in reply.content["arrays"].items()})
             reply.content["arrays"] = as_float(scalars_from(reply.content["arrays"], msg.content["arrays"]))
         return reply
 

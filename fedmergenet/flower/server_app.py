@@ -1,5 +1,6 @@
-"""The ServerApp: load the frozen teacher, run the chosen Flower strategy with MergeNet fusion, evaluate every round and
-write the results as data (metrics.jsonl per round, summary.json, models, resumable state)."""
+"""The ServerApp: load the frozen teacher, run the chosen Flower strategy with MergeNet fusion,
+evaluate every round and write the results as data (metrics.jsonl per round, summary.json,
+models, resumable state)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..atomic import save_torch
 from ..config import RunConfig, validate
+from ..data.splits import test_loader, train_set
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, state_checksum
 from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
-from .state import ServerState, load_state, save_state
 from .aggregation import build_strategy, describe
+from .state import ServerState, load_state, save_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
-from ..data.splits import test_loader, train_set
 from .task import load_arrays
 
 app = ServerApp()

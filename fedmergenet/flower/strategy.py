@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -186,7 +186,8 @@ class MergeNetFusion(Strategy):
         log(INFO, "\t├──> MergeNet fusion: %s", "on" if self.fusion_unit is not None else "off")
         if self.fusion_unit is not None:
             log(INFO, "\t│\t├── Layer: %s", self.target)
-            log(INFO, "\t│\t└── From round %s, every %s round(s)", self.fusion_start_round, self.fusion_frequency)
+            log(INFO, "\t│\t└── From round %s, every %s round(s)",
+                self.fusion_start_round, self.fusion_frequency)
         self.strategy.summary()
 
     def round_log(self, server_round: int) -> RoundLog:
@@ -262,9 +263,9 @@ class MergeNetFusion(Strategy):
         log_ = self.round_log(server_round)
         sound = self.screen_replies(server_round, replies)
         start = time.perf_counter()
-        if self.private and self._sent is not None:
-            sound = [with_scalars_from(msg, self._sent) for msg in sound]
-        arrays, metrics = self.strategy.aggregate_train(server_round, [floating(msg) for msg in sound])
+        if self.private and self._sent is not None:  # see task.scalars_from
+            sound = [map_arrays(msg, lambda record: scalars_from(record, self._sent)) for msg in sound]
+        arrays, metrics = self.strategy.aggregate_train(server_round, [map_arrays(msg, as_float) for msg in sound])
         if self.private and arrays is not None and self._sent is not None:
             arrays = as_float(scalars_from(arrays, self._sent))  # the counters without the noise
         log_.aggregate_ms = 1000 * (time.perf_counter() - start)
@@ -358,34 +359,28 @@ class FedMergeNet(MergeNetFusion):
                          recalibrate_bn=recalibrate_bn)
 
 
-def innermost(strategy: Strategy) -> Strategy:
-    """Unwrap Flower's DP wrappers (and ours), which keep what they wrap in ``.strategy``."""
-    while isinstance(getattr(strategy, "strategy", None), Strategy):
-        strategy = strategy.strategy
-    return strategy
+def wrapped(strategy: Strategy) -> list[Strategy]:
+    """The strategy and everything it wraps: Flower's DP wrappers (and ours) keep what they wrap
+    in ``.strategy``; the last one aggregates."""
+    chain = [strategy]
+    while isinstance(getattr(chain[-1], "strategy", None), Strategy):
+        chain.append(chain[-1].strategy)
+    return chain
 
+
+def innermost(strategy: Strategy) -> Strategy:
+    return wrapped(strategy)[-1]
 
 
 def privatised(strategy: Strategy) -> bool:
     """Whether a Flower DP wrapper is in the chain."""
     dp = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyClientSideFixedClipping,
           DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyClientSideAdaptiveClipping)
-    while isinstance(strategy, Strategy):
-        if isinstance(strategy, dp):
-            return True
-        strategy = getattr(strategy, "strategy", None)
-    return False
+    return any(isinstance(s, dp) for s in wrapped(strategy))
 
 
-def with_scalars_from(msg: Message, sent: ArrayRecord) -> Message:
-    """Under DP a reply's 0-d counters are what the server sent (see task.scalars_from)."""
+def map_arrays(msg: Message, change: Callable[[ArrayRecord], ArrayRecord]) -> Message:
+    """The reply with ``change`` applied to each of its ArrayRecords, in place."""
     for key, record in list(msg.content.array_records.items()):
-        msg.content[key] = scalars_from(record, sent)
-    return msg
-
-
-def floating(msg: Message) -> Message:
-    """A screened reply whose arrays every wrapped strategy can do arithmetic on (see as_float)."""
-    for key, record in list(msg.content.array_records.items()):
-        msg.content[key] = as_float(record)
+        msg.content[key] = change(record)
     return msg

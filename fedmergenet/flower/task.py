@@ -25,10 +25,11 @@ def as_float(arrays: ArrayRecord) -> ArrayRecord:
     Flower's strategies and DP helpers do arithmetic on every array, some of it in place
     (clipping scales an update by a float), which integer arrays cannot take; FedAvg turns
     them into float64 averages anyway, so nothing changes where it already worked."""
-    if all(array.numpy().dtype.kind not in "iub" for array in arrays.values()):
+    integer = {name for name, array in arrays.items() if np.dtype(array.dtype).kind in "iub"}  # metadata only
+    if not integer:
         return arrays
-    return ArrayRecord({name: Array(values.astype(np.float64)) if (values := array.numpy()).dtype.kind in "iub"
-                        else array for name, array in arrays.items()})
+    return ArrayRecord({name: Array(array.numpy().astype(np.float64)) if name in integer else array
+                        for name, array in arrays.items()})
 
 
 def scalars_from(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
@@ -38,15 +39,18 @@ def scalars_from(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
     arrays is a numpy scalar, which it rebinds instead of scaling, so counters would leave a
     client unclipped (they tell how many batches it trained). BatchNorm with momentum never
     reads them; under DP they stay what the server sent."""
-    return ArrayRecord({name: sent[name] if array.numpy().ndim == 0 else array for name, array in arrays.items()})
+    return ArrayRecord({name: sent[name] if len(array.shape) == 0 else array for name, array in arrays.items()})
 
 
 def with_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
     """``arrays`` cast back to ``dtypes`` (integers rounded), for a reply the server screens by dtype."""
-    def cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        return np.asarray(np.rint(values) if dtype.kind in "iu" else values).astype(dtype)
+    def cast(array: Array, dtype: np.dtype) -> Array:
+        if np.dtype(array.dtype) == dtype:
+            return array
+        values = array.numpy()
+        return Array(np.asarray(np.rint(values) if dtype.kind in "iu" else values).astype(dtype))
 
-    return ArrayRecord({name: Array(cast(array.numpy(), dtypes[name])) for name, array in arrays.items()})
+    return ArrayRecord({name: cast(array, dtypes[name]) for name, array in arrays.items()})
 
 
 def record_bytes(arrays: ArrayRecord) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..checks import check_run
-from ..config import PROJECT_ROOT, RunConfig, validate
+from ..config import PROJECT_ROOT, RunConfig
 from ..errors import ConfigError
 from ..results import read_summary
 from . import flwr_cli, processes
@@ -29,7 +29,7 @@ def absolute(cfg: RunConfig) -> RunConfig:
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """Every check that can fail fast, before any process starts or any client trains."""
-    cfg = absolute(validate(cfg))
+    cfg = absolute(cfg)
     cfg = check_run(cfg, Path(cfg.output_dir), teacher=True)
     record_partitions(cfg, Path(cfg.output_dir))
     return cfg

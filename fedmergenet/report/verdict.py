@@ -7,10 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from fedmergenet.results import (
-    PLACEBO_OF,
-    RunResult,
-)
+from fedmergenet.results import RunResult, placebo_of, split_arm
 
 from .numbers import ArmStats, Comparison
 from .runs import arm_order
@@ -80,11 +77,6 @@ def paired_gap(runs: Sequence[RunResult], arm: str, control: str) -> PairedGap |
     return PairedGap(statistics.fmean(gaps.values()) * 100, spread, list(gaps))
 
 
-def placebo_of(arm: str) -> str | None:
-    """The control of a MergeNet arm (``fedadam_mergenet`` -> ``fedadam_placebo``), else None."""
-    return PLACEBO_OF.get(arm) or (arm.removesuffix("_mergenet") + "_placebo" if arm.endswith("_mergenet") else None)
-
-
 def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
     """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
     the spread (sample std) of the paired gaps over seeds."""
@@ -135,10 +127,10 @@ def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
 def strategy_difference(runs: Sequence[RunResult], arm: str) -> str | None:
     """A federated arm against the FedAvg arm with the same fusion: runs that differ only in the
     server strategy (or DP), paired by seed; a difference counts when it exceeds the spread."""
-    aggregation = arm.split("_")[0]  # arm names are <aggregation>[_mergenet|_placebo]
+    aggregation, fusion = split_arm(arm)
     if aggregation in ("central", "fedavg"):
         return None
-    control = "fedavg" + arm.removeprefix(aggregation)
+    control = "fedavg" + (f"_{fusion}" if fusion else "")
     gap = paired_gap(runs, arm, control)
     if gap is None:
         return None
