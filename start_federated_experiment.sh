@@ -30,7 +30,8 @@ Subcommands (extra ARGS are passed on to the Python entry point):
   client ID [ARGS]    one client (SuperNode) with numeric id ID: federated_mergenet_client.py
   compare [ARGS]      comparison report: compare_results.py [RESULT_DIR ...] [--out DIR]
   bench [ARGS]        benchmarks, writes BENCHMARKS.md: python -m benchmarks [--tiny]
-  setup               create (or reuse) the virtual environment and exit
+  setup               create (or reuse) the virtual environment and exit; then
+                      'source .venv/bin/activate && flwr run .' runs the quick experiment
   test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest -q)
   help, -h, --help    show this text
 
@@ -53,19 +54,22 @@ usage_error() {
     exit 2
 }
 
-# Create the virtual environment if it is missing; reuse it otherwise.
+# Create the virtual environment if it is missing; reuse it otherwise. Then make plain
+# `flwr run .` work in it: its activate script exports Flower's settings (a project-local
+# FLWR_HOME, offline, no runtime installs) and .flwr/ gets a local simulation for the quick preset.
 ensure_venv() {
-    if [ -x "$PY" ]; then
-        return 0
+    if [ ! -x "$PY" ]; then
+        if ! command -v python3 >/dev/null 2>&1; then
+            echo "error: python3 not found; it is needed to create $VENV" >&2
+            exit 1
+        fi
+        echo "Creating virtual environment at $VENV ..." >&2
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -r "$SCRIPT_DIR/requirements_federated.txt"
+        "$VENV/bin/pip" install --no-build-isolation --no-deps -e "$SCRIPT_DIR"
     fi
-    if ! command -v python3 >/dev/null 2>&1; then
-        echo "error: python3 not found; it is needed to create $VENV" >&2
-        exit 1
-    fi
-    echo "Creating virtual environment at $VENV ..." >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -r "$SCRIPT_DIR/requirements_federated.txt"
-    "$VENV/bin/pip" install --no-build-isolation --no-deps -e "$SCRIPT_DIR"
+    "$PY" -c 'import sys; from pathlib import Path; from fedmergenet.launcher.flwr_cli import configure_project
+configure_project(Path(sys.argv[1]))' "$VENV"
 }
 
 prepare() {

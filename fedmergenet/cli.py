@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import RunConfig, add_run_options, apply_preset, config_from_args, load_presets
+from .config import DEFAULT_PRESET, RunConfig, add_run_options, apply_preset, config_from_args, preset_names
 from .errors import EXIT_USAGE, ConfigError, UserError
 
 
@@ -122,6 +122,14 @@ def saved_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_run_config(saved).replace(output_dir=str(run_dir), resume=True)
 
 
+def _preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME|FILE.toml",
+                        help=f"run options from config/NAME.toml ({', '.join(preset_names())}; default "
+                             f"{DEFAULT_PRESET}: an offline Fashion-MNIST subset on CPU; paper: CIFAR-100 as in the "
+                             f"write-up) or from any run-config file, the files `flwr run . --run-config` reads; "
+                             f"flags override them")
+
+
 # --- run_federated_mergenet.py ---------------------------------------------------------
 def runner_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -130,8 +138,7 @@ def runner_parser() -> argparse.ArgumentParser:
                     "MobileNetV2 clients with MergeNet fusion from a frozen ResNet50, in Flower's simulation engine "
                     "(default) or deployment runtime.",
     )
-    parser.add_argument("--preset", choices=sorted(load_presets()), default="quick",
-                        help="quick: offline Fashion-MNIST subset on CPU (default); paper: CIFAR-100 as in the write-up")
+    _preset_option(parser)
     parser.add_argument("--mode", choices=("simulation", "deployment"), default="simulation")
     parser.add_argument("--suite", action="store_true",
                         help="run central, central+MergeNet, central+placebo, FedAvg, FedAvg+MergeNet, FedAvg+placebo "
@@ -201,7 +208,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for other machines)")
     parser.add_argument("--port", type=int, default=9092, help="the SuperLink's one port")
-    parser.add_argument("--preset", choices=sorted(load_presets()), default="quick")
+    _preset_option(parser)
     _tls_options(parser, server=True)
     add_run_options(parser)
     args = parser.parse_args(argv)

@@ -3,8 +3,10 @@
 `RunConfig` is the single definition of a run option: the command-line flags, the Flower
 run-config keys (``[tool.flwr.app.config]``, kebab-case) and the presets are derived from
 its fields. Its defaults are the original write-up's setting (CIFAR-100, 50 rounds of 5
-local epochs, SGD lr 0.1); the presets in config/federated_mergenet.yaml override them,
-``quick`` (the scripts' default) with an offline Fashion-MNIST subset for 2 CPU cores.
+local epochs, SGD lr 0.1). A preset is a Flower run-config file, ``config/<name>.toml``,
+read by ``flwr run . --run-config`` and by the scripts alike; ``quick`` (an offline
+Fashion-MNIST subset for 2 CPU cores) is the default of both, and the app's
+``[tool.flwr.app.config]`` is RunConfig's defaults with it on top (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -12,17 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PROJECT_ROOT / "config"
-PRESETS_FILE = CONFIG_DIR / "federated_mergenet.yaml"
+PRESET_DIR = PROJECT_ROOT / "config"
+DEFAULT_PRESET = "quick"
 
 DATASETS = ("cifar100", "fashion-mnist")
 DEVICES = ("cpu", "cuda", "auto")
@@ -183,6 +184,16 @@ class RunConfig:
     def output_path(self) -> Path:
         return Path(self.output_dir or f"results/{self.arm}")
 
+    def anchored(self, root: Path) -> RunConfig:
+        """The same run with its data, teacher and output paths absolute, relative ones taken
+        against ``root``: the ServerApp and ClientApps run in other processes and folders."""
+        def anchor(path: Path) -> str:
+            path = path.expanduser()
+            return str(path if path.is_absolute() else (Path(root) / path).resolve())
+
+        return self.replace(data_dir=anchor(Path(self.data_dir)), teacher_checkpoint=anchor(self.teacher_path()),
+                            output_dir=anchor(self.output_path()))
+
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(
             h=self.adapter_heads,
@@ -333,21 +344,40 @@ def strategy_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
 
 
 # --- presets -------------------------------------------------------------------------
-def load_presets(path: Path = PRESETS_FILE) -> dict[str, dict[str, Any]]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return {name: dict(values or {}) for name, values in data.get("presets", {}).items()}
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
 
 
-def apply_preset(name: str, base: RunConfig | None = None) -> RunConfig:
-    presets = load_presets()
-    if name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    known = {f.name for f in fields(RunConfig)}
-    overrides = {k.replace("-", "_"): v for k, v in presets[name].items()}
-    unknown = sorted(set(overrides) - known)
+def preset_path(preset: str) -> Path:
+    """``config/<preset>.toml`` for a name, the file itself for a path ending in .toml."""
+    return Path(preset) if preset.endswith(".toml") else PRESET_DIR / f"{preset}.toml"
+
+
+def read_preset(preset: str) -> dict[str, Any]:
+    """A preset's options as RunConfig field values; a preset is a Flower run-config file."""
+    path = preset_path(preset)
+    if not path.is_file():
+        if not preset.endswith(".toml"):
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())} "
+                              f"or pass a run-config .toml file")
+        raise ConfigError(f"run-config file {path} not found")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable TOML file ({exc})") from None
+    by_key = {key_of(f.name): f for f in fields(RunConfig)}
+    unknown = sorted(set(values) - set(by_key))
     if unknown:
-        raise ConfigError(f"{PRESETS_FILE}: preset {name!r} sets unknown option(s) {', '.join(unknown)}")
-    return (base or RunConfig()).replace(**overrides)
+        raise ConfigError(f"{path} sets unknown option(s) {', '.join(unknown)}; run options are the keys of "
+                          f"[tool.flwr.app.config] in pyproject.toml")
+    try:
+        return {by_key[key].name: _coerce(by_key[key], value) for key, value in values.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_preset(preset: str, base: RunConfig | None = None) -> RunConfig:
+    return (base or RunConfig()).replace(**read_preset(preset))
 
 
 # --- command line ----------------------------------------------------------------------
@@ -406,7 +436,7 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
 
 
 __all__ = [
-    "AdapterConfig", "RunConfig", "validate", "apply_preset", "load_presets", "add_run_options",
+    "AdapterConfig", "RunConfig", "validate", "apply_preset", "read_preset", "preset_names", "add_run_options",
     "config_from_args", "key_of", "resolve_milestones", "DATASETS", "DEVICES", "FUSION_MODES", "STRATEGIES",
     "DP_MODES",
 ]

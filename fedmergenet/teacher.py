@@ -18,7 +18,14 @@ from .atomic import save_torch
 from .errors import CheckpointError
 from .models import TEACHER_LAYER, ResNet50, build_teacher, state_checksum
 
-PRETRAIN_HINT = "make one with: python run_federated_mergenet.py --pretrain-teacher --dataset {dataset}"
+# The preset whose teacher recipe fits each dataset (config/<preset>.toml).
+TEACHER_PRESETS = {"fashion-mnist": "quick", "cifar100": "paper"}
+
+
+def pretrain_hint(path: Path, dataset: str) -> str:
+    """The command that makes the missing teacher, from the project folder."""
+    return (f"make one with: python run_federated_mergenet.py --pretrain-teacher --preset "
+            f"{TEACHER_PRESETS.get(dataset, 'paper')} --teacher-checkpoint {path}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ def save_teacher(model: ResNet50, path: Path, *, dataset: str, epochs: int, test
 def load_teacher(path: Path, *, dataset: str, num_classes: int, in_channels: int = 3) -> tuple[ResNet50, TeacherInfo]:
     """Load and check a teacher checkpoint; every problem is a one-line CheckpointError."""
     path = Path(path)
-    hint = PRETRAIN_HINT.format(dataset=dataset)
+    hint = pretrain_hint(path, dataset)
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint {path} not found; {hint}")
     try:

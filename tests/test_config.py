@@ -1,4 +1,5 @@
-"""Run options, by example: one RunConfig behind the flags, the Flower run config and the presets."""
+"""Run options, by example: one RunConfig behind the flags, the Flower run config and the presets
+(Flower run-config files in config/, read by `flwr run . --run-config` and the scripts alike)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from fedmergenet.config import (
     apply_preset,
     config_from_args,
     key_of,
+    preset_names,
+    read_preset,
     resolve_milestones,
     validate,
 )
@@ -45,14 +48,59 @@ def test_from_run_config_coerces_scalars_and_keeps_defaults_for_missing_keys():
     assert cfg.replace(rounds=RunConfig().rounds, alpha=0.0, fusion=True, random_teacher=False) == RunConfig()
 
 
-def test_pyproject_run_config_equals_runconfig_defaults():
-    """[tool.flwr.app.config] lists exactly RunConfig's fields with its defaults (same types too)."""
+def app_defaults() -> dict:
     with open(PROJECT_ROOT / "pyproject.toml", "rb") as fh:
-        app_config = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-    expected = RunConfig().to_run_config()
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_run_config_is_the_quick_preset():
+    """[tool.flwr.app.config] lists exactly RunConfig's fields, valued as RunConfig's defaults with
+    config/quick.toml on top (same types too): plain `flwr run .` is the quick experiment."""
+    app_config = app_defaults()
+    expected = apply_preset("quick").to_run_config()
     assert sorted(app_config) == sorted(expected)
     assert app_config == expected
     assert {k: type(v) for k, v in app_config.items()} == {k: type(v) for k, v in expected.items()}
+    assert RunConfig.from_run_config(app_config).dataset == "fashion-mnist"
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_means_the_same_to_flwr_run_and_to_the_scripts(preset):
+    """A preset file on top of the app's defaults (what `flwr run . --run-config config/X.toml`
+    gets) equals it on top of RunConfig's (what `--preset X` gets), and is a valid run."""
+    with open(PROJECT_ROOT / "config" / f"{preset}.toml", "rb") as fh:
+        overrides = tomllib.load(fh)
+    assert set(overrides) <= set(app_defaults()), "Flower refuses keys the app does not define"
+    as_flwr_run = RunConfig.from_run_config(app_defaults() | overrides)
+    assert as_flwr_run == apply_preset(preset)
+    validate(as_flwr_run)
+
+
+def test_a_preset_can_be_any_run_config_file(tmp_path):
+    """--preset takes a path to a run-config TOML file too; an unknown key or a broken file is one line."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text('rounds = 2\nalpha = 1\nlr-milestones = "1"\n')
+    cfg = apply_preset(str(mine))
+    assert (cfg.rounds, cfg.alpha, cfg.lr_milestones) == (2, 1.0, "1")
+    assert isinstance(cfg.alpha, float)
+    mine.write_text("rounds = 2\nepochs = 3\n")
+    with pytest.raises(ConfigError, match="unknown option.*epochs"):
+        read_preset(str(mine))
+    mine.write_text("rounds = = 2\n")
+    with pytest.raises(ConfigError, match="not a readable TOML") as info:
+        read_preset(str(mine))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="not found"):
+        read_preset(str(tmp_path / "missing.toml"))
+
+
+def test_anchored_paths_are_absolute_and_absolute_paths_stay():
+    """What the apps do with a run's paths: relative ones resolve against the app's folder."""
+    cfg = RunConfig(dataset="fashion-mnist", data_dir="data", output_dir="/elsewhere/out").anchored(PROJECT_ROOT)
+    assert cfg.data_dir == str(PROJECT_ROOT / "data")
+    assert cfg.teacher_checkpoint == str(PROJECT_ROOT / "checkpoints" / "teacher_resnet50_fashion-mnist.pt")
+    assert cfg.output_dir == "/elsewhere/out"
+    assert cfg.anchored(PROJECT_ROOT / "other") == cfg
 
 
 @pytest.mark.parametrize(
@@ -85,7 +133,7 @@ def test_every_option_is_defined_once_with_its_help_and_reaches_every_form():
 
 
 def test_validate_accepts_the_defaults():
-    """The quick defaults are valid as they stand."""
+    """RunConfig's defaults (the write-up's setting) are valid as they stand."""
     assert validate(RunConfig()) == RunConfig()
 
 

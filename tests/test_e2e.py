@@ -265,3 +265,65 @@ def test_flwr_run_gets_a_slim_copy_of_the_app_with_the_same_bundle(tmp_path: Pat
     # The app only: no launcher, CLI, report or central arms inside the bundle.
     assert not any(name.startswith(("fedmergenet/launcher", "fedmergenet/report", "fedmergenet/experiments",
                                     "fedmergenet/cli.py")) for name in bundle)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path: Path) -> None:
+    """The README's quickstart: in the environment the set-up made, Flower's own `flwr run .` from
+    the project folder, with a preset file. The app runs from Flower's copy of the code, yet its
+    relative paths (data, output, teacher) resolve in the project; a missing teacher fails the
+    run with one line that names the command making it."""
+    import os
+    import signal
+    import uuid
+
+    from fedmergenet.flower.task import _editable_source
+    from fedmergenet.launcher.flwr_cli import FLOWER_SETTINGS, configure_project
+    from fedmergenet.launcher.processes import free_port
+
+    home = tmp_path / "flwr-home"
+    configure_project(tmp_path / "no-venv", flwr_home=home)
+    http_port, control_port = free_port(), free_port()
+    env = os.environ | FLOWER_SETTINGS | {
+        "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # A local SuperLink of its own, beside any the user has running.
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    project = _editable_source("fedmergenet") or ROOT  # the project this environment was set up from
+    out = Path("results") / f".pytest-flwr-run-{uuid.uuid4().hex[:8]}"
+    tiny_run = tmp_path / "tiny.toml"
+    tiny_run.write_text(f'train-limit = 96\ntest-limit = 64\nrounds = 2\nbatch-size = 16\nrandom-teacher = true\n'
+                        f'output-dir = "{out}"\n')
+    no_teacher = tmp_path / "no_teacher.toml"
+    no_teacher.write_text('rounds = 1\nteacher-checkpoint = "checkpoints/.pytest-missing.pt"\n')
+
+    def flwr_run(preset: Path) -> str:
+        result = subprocess.run(["flwr", "run", ".", "--run-config", str(preset), "--stream"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        return result.stdout + result.stderr
+
+    before = flower_processes()
+    try:
+        log = flwr_run(tiny_run)
+        summary = read_summary(project / out)
+        assert summary["status"] == "completed", log
+        assert (summary["arm"], summary["rounds"]) == ("fedavg_mergenet", 2)
+        assert summary["config"]["dataset"] == "fashion-mnist"  # the app's default: the quick preset
+        assert summary["config"]["data-dir"] == str(project / "data")
+
+        log = flwr_run(no_teacher)
+        errors = [line for line in log.splitlines() if "error: teacher checkpoint" in line]
+        assert len(errors) == 1, log
+        assert str(project / "checkpoints" / ".pytest-missing.pt") in errors[0] and "--pretrain-teacher" in errors[0]
+        assert "Traceback" not in log
+    finally:
+        import shutil
+
+        shutil.rmtree(project / out, ignore_errors=True)
+        # `flwr run` leaves its local SuperLink running, detached in its own session: stop that session.
+        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*127.0.0.1:{control_port}"], capture_output=True,
+                               text=True).stdout.split()
+        for pid in map(int, found):
+            os.killpg(pid, signal.SIGTERM)
+    time.sleep(2)
+    assert flower_processes() - before == set(), "Flower or Ray processes were left behind"

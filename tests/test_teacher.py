@@ -61,7 +61,7 @@ def test_missing_checkpoint_says_which_file_and_how_to_make_one(tmp_path):
     with pytest.raises(CheckpointError, match="not found") as exc:
         load_teacher(path, dataset="cifar100", num_classes=100)
     assert_one_line_naming(exc, path)
-    assert "--dataset cifar100" in str(exc.value)
+    assert "--pretrain-teacher --preset paper" in str(exc.value)  # the preset whose teacher recipe is cifar100's
 
 
 def test_wrong_class_count_is_refused(saved):

@@ -22,13 +22,13 @@ from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler,
                         train_epoch)
 from ..data.splits import client_data
 from ..models import new_student
-from .task import as_float, global_epoch, load_arrays, scalars_from, with_dtypes
+from .task import as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.device]:
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config(context)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     device = pick_device(str(context.node_config.get("device", cfg.device)))

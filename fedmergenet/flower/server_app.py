@@ -23,7 +23,7 @@ from ..training import evaluate, pick_device, seed_everything
 from .aggregation import build_strategy, describe
 from .state import ServerState, load_state, save_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
-from .task import load_arrays
+from .task import load_arrays, run_config
 
 app = ServerApp()
 
@@ -236,7 +236,7 @@ class FederatedRun:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config(context)
     try:
         run = FederatedRun(cfg)
     except UserError as exc:

@@ -1,5 +1,6 @@
-"""What the ClientApp and ServerApp need between models and Flower records: loading by name,
-sizes, dtypes for the strategies, and the round's place in the LR schedule.
+"""What the ClientApp and ServerApp need between models and Flower records: the run's options
+with their paths anchored, loading by name, sizes, dtypes for the strategies, and the round's
+place in the LR schedule.
 
 Flower's plumbing stays in the app files; this module holds no Flower control flow. The
 data and the models live in fedmergenet.data and fedmergenet.models (no Flower there).
@@ -7,11 +8,50 @@ data and the models live in fedmergenet.data and fedmergenet.models (no Flower t
 
 from __future__ import annotations
 
+import json
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Context
+from flwr.supercore.utils import get_flwr_home
 
 from ..config import RunConfig
+
+
+def run_config(context: Context) -> RunConfig:
+    """The run's options, relative paths resolved against the app's folder (app_root)."""
+    return RunConfig.from_run_config(context.run_config).anchored(app_root())
+
+
+def app_root() -> Path:
+    """The project folder the app was started from: where ``data/``, ``checkpoints/`` and
+    ``results/`` of a run with relative paths live.
+
+    ``flwr run .`` ships only the code, to ``$FLWR_HOME/apps/<app>/``, and runs it from there
+    (in a process whose working folder is the SuperLink's). The project's environment holds this
+    package as an editable install, whose record (PEP 610's direct_url.json) names the project
+    folder. Run from the source tree, the folder is the one above this package.
+    """
+    here = Path(__file__).resolve().parents[2]
+    if (get_flwr_home().resolve() / "apps") not in here.parents:
+        return here
+    return _editable_source("fedmergenet") or here
+
+
+def _editable_source(package: str) -> Path | None:
+    try:
+        record = distribution(package).read_text("direct_url.json")
+    except PackageNotFoundError:
+        return None
+    info = json.loads(record or "{}")
+    url = urlparse(info.get("url", ""))
+    if not info.get("dir_info", {}).get("editable") or url.scheme != "file":
+        return None
+    return Path(url2pathname(url.path))
 
 
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import PROJECT_ROOT, RunConfig, to_flags
 from ..errors import ConfigError
 from . import flwr_cli, processes
-from .federated import LOG_DIR, absolute
+from .federated import LOG_DIR
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -22,7 +22,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 def run_deployment(cfg: RunConfig, server_address: str = "127.0.0.1:9092", echo: bool = True) -> Path:
     host, port = split_address(server_address)
-    cfg = absolute(cfg)
+    cfg = cfg.anchored(Path.cwd())
     if processes.port_in_use(host, port):
         raise ConfigError(f"port {port} on {host} is already in use; choose another --server_address")
     python = sys.executable

@@ -18,18 +18,9 @@ from .flwr_cli import Tls
 LOG_DIR = PROJECT_ROOT / "logs"
 
 
-def absolute(cfg: RunConfig) -> RunConfig:
-    """The ServerApp runs in another process and folder: hand it absolute paths."""
-    return cfg.replace(
-        data_dir=str(Path(cfg.data_dir).resolve()),
-        output_dir=str(cfg.output_path().resolve()),
-        teacher_checkpoint=str(cfg.teacher_path().resolve()),
-    )
-
-
 def preflight(cfg: RunConfig) -> RunConfig:
     """Every check that can fail fast, before any process starts or any client trains."""
-    cfg = absolute(cfg)
+    cfg = cfg.anchored(Path.cwd())  # command-line paths are the user's, relative to where they are
     cfg = check_run(cfg, Path(cfg.output_dir), teacher=True)
     record_partitions(cfg, Path(cfg.output_dir))
     return cfg

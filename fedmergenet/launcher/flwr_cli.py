@@ -35,16 +35,29 @@ class Tls:
     server_key: Path | None = None
 
 
+FLWR_HOME = PROJECT_ROOT / ".flwr"
+# Offline and quiet; no runtime dependency installation (the SuperLink would otherwise download
+# a CUDA torch into a fresh environment for every run).
+FLOWER_SETTINGS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+# `flwr run .`'s local simulation: one SuperNode per client of the quick preset, each holding one
+# CPU, and Ray told there are as many CPUs as clients so all of them train at once (on 2 cores a
+# second wave of clients left one core idle).
+LOCAL_FEDERATION = {"num-supernodes": 3, "backend": {"client-resources": {"num-cpus": 1}, "init-args": {"num-cpus": 3}}}
+ACTIVATE_MARKER = "# federated MergeNet: Flower's settings for `flwr run .` in this project"
+
+
 def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
     """Environment for every Flower process: project-local home, offline, quiet, no installs."""
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env["FLWR_HOME"] = str(flwr_home or PROJECT_ROOT / ".flwr")
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["FLWR_HOME"] = str(flwr_home or FLWR_HOME)
+    env.update(FLOWER_SETTINGS)
     env["PYTHONUNBUFFERED"] = "1"
     # The package must import from the ServerApp/ClientApp processes wherever they run.
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -67,6 +80,27 @@ def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None, 
         entry["options"] = options
     config.setdefault("superlink", {})[name] = entry
     path.write_text(tomli_w.dumps(config))
+
+
+def configure_project(venv: Path, flwr_home: Path = FLWR_HOME) -> None:
+    """What plain ``flwr run .`` needs, written by the set-up: the virtualenv's activate script
+    exports Flower's settings, and the project's Flower home has a local simulation connection
+    (the CLI's default) sized for the quick preset. Idempotent."""
+    import tomllib
+
+    activate = venv / "bin" / "activate"
+    if activate.is_file() and ACTIVATE_MARKER not in activate.read_text():
+        exports = " ".join(f"{k}={v}" for k, v in {"FLWR_HOME": f'"{flwr_home}"', **FLOWER_SETTINGS}.items())
+        with open(activate, "a", encoding="utf-8") as script:
+            script.write(f"\n{ACTIVATE_MARKER}\nexport {exports}\n")
+    path = flwr_home / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink.setdefault("default", "local")
+    if "options" not in superlink.get("local", {}):
+        superlink["local"] = {"address": ":local:", "options": LOCAL_FEDERATION}
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(config))
 
 
 def remove_connection(flwr_home: Path, name: str) -> None:
