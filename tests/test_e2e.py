@@ -62,26 +62,26 @@ def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must
 def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path) -> None:
     before = flower_processes()
     teacher_bytes = teacher_file.read_bytes()
-    cfg = tiny(teacher_file, tmp_path)
+    cfg = tiny(teacher_file, tmp_path, rounds=2, fusion_start_round=1)
     report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False)
 
     runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ARMS}
     summaries = {arm: read_summary(path) for arm, path in runs.items()}
     assert all(s["status"] == "completed" for s in summaries.values())
-    assert {s["epoch_equiv"] for s in summaries.values()} == {3}  # same budget of passes over the data
+    assert {s["epoch_equiv"] for s in summaries.values()} == {2}  # same budget of passes over the data
     assert all(s["fusion_skipped"] == 0 for s in summaries.values())
 
     rows = read_metrics(runs["fedavg_mergenet"])
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert [r["fusion_applied"] for r in rows] == [0, 0, 1, 1]  # fusion from round 2
-    assert rows[3]["adapter_learned"] == 1 and rows[3]["adapter_loss"] is not None  # it learns in round 3
-    assert rows[3]["gate"] != 0.0  # and the gate moved
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["fusion_applied"] for r in rows] == [0, 1, 1]  # fusion from round 1
+    assert rows[2]["adapter_learned"] == 1 and rows[2]["adapter_loss"] is not None  # it learns in round 2
+    assert rows[2]["gate"] != 0.0  # and the gate moved
     assert all(r["round_status"] in ("initial", "ok") for r in rows)
-    assert [r["bn_recalibrated"] for r in rows[1:]] == [2, 2, 2]  # both clients recomputed BatchNorm statistics
+    assert [r["bn_recalibrated"] for r in rows[1:]] == [2, 2]  # both clients recomputed BatchNorm statistics
     assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
-    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg"])] == [0, 0, 0, 0]
+    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg"])] == [0, 0, 0]
     assert sum(r["fusion_applied"] for r in read_metrics(runs["central_mergenet"])) > 0
-    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg_placebo"])] == [0, 0, 1, 1]
+    assert [r["fusion_applied"] for r in read_metrics(runs["fedavg_placebo"])] == [0, 1, 1]
 
     # The teacher never changes: file untouched, and the run recorded its checksum. The placebo
     # arms fused from the same checkpoint with its fc.weight shuffled.
@@ -105,11 +105,13 @@ def test_central_mergenet_fusing_every_batch_keeps_the_layer_in_scale(tmp_path: 
     """The divergence the norm-preserving fusion prevents: MergeNet's f=1 (fuse before every batch) for
     3 epochs with a random teacher skips no fusion and ends with the fused layer's std within 2x of
     the same run without fusion."""
-    cfg = tiny(tmp_path / "none.pt", tmp_path, train_limit=160, batch_size=16, fusion_batches=1, random_teacher=True)
+    cfg = tiny(tmp_path / "none.pt", tmp_path, train_limit=112, batch_size=16, fusion_batches=1, random_teacher=True)
     fused = run_central(cfg.replace(output_dir=str(tmp_path / "fused")), mergenet=True, echo=False)
     plain = run_central(cfg.replace(output_dir=str(tmp_path / "plain")), mergenet=False, echo=False)
     rows = read_metrics(fused)
-    assert sum(r["fusion_applied"] for r in rows) == 3 * 9 and sum(r["fusion_skipped"] for r in rows) == 0
+    batches = -(-len(union_of_client_data(cfg)) // cfg.batch_size)
+    assert batches >= 6
+    assert sum(r["fusion_applied"] for r in rows) == 3 * batches and sum(r["fusion_skipped"] for r in rows) == 0
     std = {name: float(torch.load(run / "final_model.pt", weights_only=True)[STUDENT_LAYER].std())
            for name, run in (("fused", fused), ("plain", plain))}
     assert 0.5 * std["plain"] < std["fused"] < 2 * std["plain"], std
