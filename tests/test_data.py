@@ -16,6 +16,8 @@ import torchvision
 from fedmergenet.data import (
     DATASETS,
     FASHION_MNIST_DIRS,
+    DeviceBatches,
+    augment_batch,
     describe,
     format_partition_report,
     label_skew,
@@ -25,6 +27,7 @@ from fedmergenet.data import (
     partition_report,
     split_train_val,
 )
+from fedmergenet.data.datasets import augment
 from fedmergenet.errors import ConfigError, DatasetError
 
 # --- writing tiny datasets in the official formats --------------------------------
@@ -213,6 +216,54 @@ def test_train_loader_shuffles_and_augments_the_same_way_for_the_same_seed(cifar
     # Augmented: not the plain normalised images of the same samples.
     plain = torch.stack([make_loader(ds, None, 1, train=False, seed=0).dataset[int(i)][0] for i in _positions(ds, y1)])
     assert not torch.allclose(x1, plain)
+
+
+def test_batched_augmentation_draws_what_the_per_image_one_draws() -> None:
+    """MergeNet's crop, flip and rotation made for a whole batch at once (the GPU path) against
+    the per-image version (the CPU loader), on an image with a left-right ramp, a top-bottom ramp
+    and a flat channel: 4,000 draws each way flip as often, give the same mean image and the same
+    share of zero-filled pixels, within sampling noise."""
+    ramp = torch.linspace(30, 255, 32)
+    image = torch.stack([ramp.expand(32, 32), ramp[:, None].expand(32, 32), torch.full((32, 32), 200.0)])
+    image = image.round().to(torch.uint8)
+    draws = 4000
+    per_image = torch.stack([augment(image, torch.Generator().manual_seed(i)) for i in range(draws)]).float()
+    batched = augment_batch(image.expand(draws, -1, -1, -1).contiguous(), torch.Generator().manual_seed(1))
+    assert batched.shape == per_image.shape and batched.dtype == torch.float32
+    assert torch.equal(batched, batched.round()) and 0 <= batched.min() and batched.max() <= 255
+
+    def flipped(x: torch.Tensor) -> float:  # the left-right ramp runs the other way
+        return float((x[:, 0, 8:24, :12].mean((1, 2)) > x[:, 0, 8:24, 20:].mean((1, 2))).float().mean())
+
+    assert flipped(batched) == pytest.approx(0.5, abs=0.03) and flipped(per_image) == pytest.approx(0.5, abs=0.03)
+    assert (batched.mean(0) - per_image.mean(0)).abs().mean() < 1.5  # grey levels of ~150
+    zeros = [float((x == 0).float().mean()) for x in (batched, per_image)]
+    assert zeros[0] == pytest.approx(zeros[1], abs=0.005) and zeros[0] > 0.05  # padding and corners
+
+
+def test_device_batches_give_every_image_once_per_epoch_in_a_new_order(cifar_dir: Path) -> None:
+    """The split on the training device (here the CPU, as on a GPU): every index once per
+    epoch, a new order each epoch, the same batches for the same seed; without augmentation the
+    images are exactly the CPU loader's."""
+    ds = load_dataset("cifar100", cifar_dir, train=True, download=False)
+    device = torch.device("cpu")
+
+    def epochs(seed: int, count: int = 2) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        batches = DeviceBatches(ds, np.arange(30), batch_size=8, train=True, seed=seed, device=device)
+        assert len(batches) == 4
+        return [list(batches) for _ in range(count)]
+
+    first, second = epochs(3)
+    for epoch in (first, second):
+        assert [len(y) for _, y in epoch] == [8, 8, 8, 6]
+        assert sorted(torch.cat([y for _, y in epoch]).tolist()) == sorted(ds.labels[:30].tolist())
+    assert torch.cat([y for _, y in first]).tolist() != torch.cat([y for _, y in second]).tolist()
+    again = epochs(3)[0]
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(first, again))
+
+    plain = DeviceBatches(ds, np.arange(30), batch_size=8, train=False, seed=0, device=device)
+    for (x, y), (x_cpu, y_cpu) in zip(plain, make_loader(ds, np.arange(30), batch_size=8, train=False, seed=0)):
+        assert torch.equal(y, y_cpu) and torch.allclose(x, x_cpu, atol=1e-6)
 
 
 def _positions(ds, labels: torch.Tensor) -> list[int]:

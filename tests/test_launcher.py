@@ -110,3 +110,20 @@ def test_pip_is_only_ever_the_venvs():
     assert pip_lines, "the launcher installs requirements into a fresh venv"
     for line in pip_lines:
         assert line.startswith(('"$VENV/bin/pip" install', '"${VENV}/bin/pip" install')), line
+
+
+def test_simulated_clients_training_on_cuda_share_the_gpus():
+    """Flower's simulation settings the runner passes: with GPUs each sampled client holds an
+    equal share of them (Ray hides the cards from actors holding none); CPU clients hold none."""
+    from fedmergenet.config import RunConfig
+    from fedmergenet.launcher.federated import federation_config
+
+    cfg = RunConfig(num_clients=5, clients_per_round=3, device="auto")
+    cpu_only = federation_config(cfg, 1, gpus=0)
+    assert cpu_only == {"num-supernodes": 5, "client-resources-num-cpus": 1,
+                        "init-args-num-cpus": max(os.cpu_count() or 1, 3)}
+    shared = federation_config(cfg, 1, gpus=1)
+    assert shared == cpu_only | {"client-resources-num-gpus": 0.3333, "init-args-num-gpus": 1}
+    assert 3 * shared["client-resources-num-gpus"] <= 1  # all three fit on the card at once
+    assert federation_config(cfg.replace(device="cpu"), 1, gpus=1) == cpu_only
+    assert federation_config(cfg, 1, gpus=8)["client-resources-num-gpus"] == 1.0

@@ -75,6 +75,26 @@ def test_training_epochs_lower_the_loss_of_the_real_student():
     assert losses[-1] < losses[0] * 0.95, losses
 
 
+def test_the_training_loop_takes_batches_made_on_the_device():
+    """The GPU path's loader (the split on the device, augmented there in whole batches) feeds the
+    same loop, BatchNorm recalibration and evaluation; here on the CPU."""
+    from fedmergenet.data import DeviceBatches, ImageDataset
+
+    torch.manual_seed(0)
+    images, labels = tiny_batch(n=16).tensors
+    ds = ImageDataset(name="toy", images=(images * 40 + 128).clamp(0, 255).to(torch.uint8), labels=labels,
+                      num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.16, 0.16, 0.16))
+    model = build_student(num_classes=10)
+    # Every image twice per epoch, in a new order each epoch, without augmentation: the loop fits it.
+    train = DeviceBatches(ds, list(range(16)) * 2, batch_size=16, train=True, seed=0, device=CPU, augment=False)
+    optimizer = make_optimizer(model, lr=0.02)
+    losses = [train_epoch(model, train, optimizer, CPU, progress=False) for _ in range(3)]
+    assert losses[-1] < losses[0] * 0.95, losses
+    recalibrate_bn(model, train, CPU)
+    result = evaluate(model, DeviceBatches(ds, None, batch_size=64, train=False, seed=0, device=CPU), CPU)
+    assert result.examples == 16 and torch.isfinite(torch.tensor(result.loss))
+
+
 def test_recalibrated_batchnorm_statistics_are_the_datas_exact_moments():
     """After recalibrate_bn the first BatchNorm's running mean and variance are the exact per-channel
     moments of the convolution outputs over the whole loader, not a momentum average."""

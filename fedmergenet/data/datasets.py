@@ -258,25 +258,58 @@ def _grey28_to_rgb32(images: np.ndarray) -> np.ndarray:
 # --- Loading batches ------------------------------------------------------------
 
 
+# MergeNet's CIFAR-100 training augmentation: RandomCrop(32, padding=4), RandomHorizontalFlip,
+# RandomRotation(15) with nearest sampling and zero fill.
+CROP_PADDING = 4
+MAX_ROTATION_DEGREES = 15.0
+
+
 def augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The augmentation of the original MergeNet CIFAR-100 training script, RandomCrop(32,
-    padding=4), RandomHorizontalFlip and RandomRotation(15) (nearest, zero fill), on a uint8
-    [3, 32, 32] image, drawn from ``generator``.
+    """MergeNet's augmentation on one uint8 [3, 32, 32] image, drawn from ``generator``.
 
     Written in torch instead of torchvision.transforms: importing torchvision cost 2.4 s in
     every deployment ClientApp process, a third of its start-up (BENCHMARKS.md, 1f)."""
     height, width = image.shape[-2:]
-    padded = F.pad(image, (4, 4, 4, 4))
-    top, left = torch.randint(0, 9, (2,), generator=generator).tolist()
+    pad = CROP_PADDING
+    padded = F.pad(image, (pad, pad, pad, pad))
+    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     image = padded[:, top:top + height, left:left + width]
     if torch.rand((), generator=generator) < 0.5:
         image = image.flip(-1)
-    angle = math.radians(float(torch.empty(()).uniform_(-15.0, 15.0, generator=generator)))
+    angle = math.radians(float(torch.empty(()).uniform_(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES,
+                                                        generator=generator)))
     cos, sin = math.cos(angle), math.sin(angle)
     theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
     grid = F.affine_grid(theta, [1, image.shape[0], height, width], align_corners=False)
     rotated = F.grid_sample(image[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return rotated[0].to(torch.uint8)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The same augmentation drawn independently for every image of a uint8 [B, 3, H, W] batch,
+    in a few batched operations on the batch's device (no per-image Python); float out."""
+    batch, _, height, width = images.shape
+    pad, device = CROP_PADDING, images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (batch, 1), device=device, generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (batch, 1), device=device, generator=generator)
+    rows = top + torch.arange(height, device=device)
+    cols = left + torch.arange(width, device=device)
+    flip = torch.rand(batch, 1, device=device, generator=generator) < 0.5
+    cols = torch.where(flip, cols.flip(-1), cols)  # a flipped crop reads its columns backwards
+    crops = padded[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    angle = torch.empty(batch, device=device).uniform_(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES,
+                                                       generator=generator)
+    return _rotate(crops.permute(0, 3, 1, 2).float(), angle)
+
+
+def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each float [3, H, W] image of the batch turned by its angle about its centre (nearest, zero fill)."""
+    radians = torch.deg2rad(degrees.double())  # as augment's math.cos in double, then float
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 class TensorImageDataset(Dataset):
@@ -324,33 +357,62 @@ class _SeededShuffleSampler(Sampler):
         return iter(zip(order, seeds))
 
 
+class DeviceBatches:
+    """Batches of (float [B, 3, 32, 32], int64 [B]) from a split that lives on ``device`` as
+    uint8 (Fashion-MNIST's 60k training images are 184 MB), shuffled and augmented there in
+    whole batches: on a GPU a per-image loader in Python, not the model, set the pace.
+
+    Iterating again gives the next epoch: a new order and new augmentation, all drawn from
+    one generator seeded with ``seed`` on the device."""
+
+    def __init__(self, ds: ImageDataset, indices: Sequence[int] | np.ndarray | None, batch_size: int, train: bool,
+                 seed: int, device: torch.device, augment: bool = True) -> None:
+        positions = torch.from_numpy(_as_index_array(indices, len(ds)))
+        self.images = ds.images[positions].to(device)
+        self.labels = ds.labels[positions].to(device)
+        self.batch_size, self.train, self.augment = batch_size, train, train and augment
+        self.mean = torch.tensor(ds.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(ds.std, device=device).view(1, -1, 1, 1)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size, device = len(self.labels), self.labels.device
+        order = (torch.randperm(size, device=device, generator=self.generator) if self.train
+                 else torch.arange(size, device=device))
+        for start in range(0, size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            images = self.images[batch]
+            images = augment_batch(images, self.generator) if self.augment else images.float()
+            yield (images / 255 - self.mean) / self.std, self.labels[batch]
+
+
 def make_loader(
     ds: ImageDataset,
     indices: Sequence[int] | np.ndarray | None,
     batch_size: int,
     train: bool,
     seed: int,
-    num_workers: int = 0,
-    pin_memory: bool = False,
+    device: torch.device | None = None,
     augment: bool | None = None,
-) -> DataLoader:
+) -> DataLoader | DeviceBatches:
     """Batches of (float [B, 3, 32, 32], int64 [B]); train order and augmentation follow `seed`.
 
-    `train` shuffles each epoch and, unless `augment` is False, augments."""
+    `train` shuffles each epoch and, unless `augment` is False, augments. For a CUDA `device`
+    the split moves there and batches are made on the card (DeviceBatches); on the CPU a
+    DataLoader augments image by image, each from a seed of its own."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    dataset = TensorImageDataset(ds, indices, train if augment is None else train and augment)
+    augment = True if augment is None else augment
+    if device is not None and device.type == "cuda":
+        return DeviceBatches(ds, indices, batch_size, train, seed, device, augment)
+    dataset = TensorImageDataset(ds, indices, train and augment)
     sampler = None
     if train:
         sampler = _SeededShuffleSampler(len(dataset), torch.Generator().manual_seed(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=False,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False)
 
 
 def _as_index_array(indices: Sequence[int] | np.ndarray | None, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_write
 from ..config import PROJECT_ROOT, RunConfig
-from .datasets import ImageDataset, load_dataset, make_loader
+from .datasets import DeviceBatches, ImageDataset, load_dataset, make_loader
 from .partition import partition_indices, split_train_val
 
 
@@ -79,14 +79,16 @@ def _write_partitions(path: Path, parts: list[np.ndarray]) -> None:
 
 @dataclass
 class ClientData:
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader | DeviceBatches
+    val: DataLoader | DeviceBatches
     num_train: int
     num_val: int
 
 
-def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, round_seed: int = 0, pin_memory: bool = False) -> ClientData:
-    """Partition ``partition_id`` of ``num_partitions``, split into local train and validation."""
+def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, round_seed: int = 0,
+                device: torch.device | None = None) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions``, split into local train and validation,
+    batched for ``device`` (on a GPU the partition moves there: make_loader)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     dataset = train_set(cfg)
@@ -95,13 +97,12 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int, round_se
     # Reshuffle differently every round, yet reproducibly.
     loader_seed = cfg.seed * 100_003 + partition_id * 1_009 + round_seed
     return ClientData(
-        train=make_loader(dataset, train_idx, cfg.batch_size, train=True, seed=loader_seed, pin_memory=pin_memory),
-        val=make_loader(dataset, val_idx, cfg.eval_batch_size, train=False, seed=0, pin_memory=pin_memory),
+        train=make_loader(dataset, train_idx, cfg.batch_size, train=True, seed=loader_seed, device=device),
+        val=make_loader(dataset, val_idx, cfg.eval_batch_size, train=False, seed=0, device=device),
         num_train=len(train_idx),
         num_val=len(val_idx),
     )
 
 
-def test_loader(cfg: RunConfig) -> DataLoader:
-    dataset = test_set(cfg)
-    return make_loader(dataset, None, cfg.eval_batch_size, train=False, seed=0)
+def test_loader(cfg: RunConfig, device: torch.device | None = None) -> DataLoader | DeviceBatches:
+    return make_loader(test_set(cfg), None, cfg.eval_batch_size, train=False, seed=0, device=device)

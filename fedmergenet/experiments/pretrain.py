@@ -53,7 +53,7 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
     device = pick_device(cfg.device)
     dataset = train_set(teacher_data_config(cfg))
     # One pass shows each image once: augmentation, a regulariser across epochs, would only slow it.
-    loader = make_loader(dataset, None, cfg.batch_size, train=True, seed=cfg.seed, pin_memory=device.type == "cuda",
+    loader = make_loader(dataset, None, cfg.batch_size, train=True, seed=cfg.seed, device=device,
                          augment=cfg.teacher_epochs > 1)
     model = build_teacher(num_classes=dataset.num_classes).to(device)
     optimizer = make_optimizer(model, cfg.teacher_lr, cfg.momentum, cfg.weight_decay)
@@ -64,7 +64,7 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
                            before_step=schedule)
         if echo:
             print(f"teacher epoch {epoch}/{cfg.teacher_epochs}: train loss {loss:.4f}", flush=True)
-    result = evaluate(model, test_loader(cfg), device, desc="teacher eval")
+    result = evaluate(model, test_loader(cfg, device), device, desc="teacher eval")
     save_teacher(model.cpu(), path, dataset=cfg.dataset, epochs=cfg.teacher_epochs, test_top1=result.top1,
                  extra={"train_limit": len(dataset), "seed": cfg.seed, "train_seconds": time.time() - start})
     if echo:

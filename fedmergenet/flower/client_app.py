@@ -45,7 +45,7 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
                 memory_format: torch.memory_format | None = None, proximal_mu: float = 0.0) -> tuple[float, int]:
     """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch;
     with ``proximal_mu`` > 0 (FedProx) pulled toward the global model the round started from."""
-    data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, pin_memory=device.type == "cuda")
+    data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, device=device)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
     proximal = Proximal.at(model, proximal_mu) if proximal_mu > 0 else None
@@ -108,7 +108,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = new_student(cfg)
     load_arrays(model, msg.content["arrays"])
     model.to(device)
-    data = client_data(cfg, partition_id, num_partitions, pin_memory=device.type == "cuda")
+    data = client_data(cfg, partition_id, num_partitions, device=device)
     content = RecordDict()
     if bool(msg.content["config"].get("recalibrate-bn", False)):
         recalibrate_bn(model, data.train, device)

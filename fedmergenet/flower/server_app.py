@@ -70,7 +70,7 @@ class FederatedRun:
             self.teacher, self.teacher_info = teacher_for_run(
                 path=cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes,
                 random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
-        self.test_loader = test_loader(cfg)
+        self.test_loader = test_loader(cfg, self.device)
         self.student = initial_student(cfg)
         self.fusion_unit = self._fusion_unit() if cfg.fusion else None
         self.strategy = MergeNetFusion(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -63,8 +64,7 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
     name = f"fedmergenet-sim-{port}"
     out = Path(cfg.output_dir)
     log_path = out / "flower.log"
-    federation = {"num-supernodes": cfg.num_clients, "client-resources-num-cpus": num_cpus_per_client,
-                  "init-args-num-cpus": ray_cpus(cfg, num_cpus_per_client)}
+    federation = federation_config(cfg, num_cpus_per_client, visible_gpus())
     flwr_cli.write_connection(Path(env["FLWR_HOME"]), name, f"127.0.0.1:{port}", tls=None)
     run_config = flwr_cli.write_run_config(out / "run_config.toml", cfg.to_run_config())
     with processes.managed() as children:
@@ -79,6 +79,26 @@ def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = Tr
         status = wait_status(name, run_id, env)
     flwr_cli.remove_connection(Path(env["FLWR_HOME"]), name)
     return finish(cfg, status, log_path)
+
+
+def federation_config(cfg: RunConfig, num_cpus_per_client: int, gpus: int) -> dict[str, int | float]:
+    """Flower's simulation settings for a run: a SuperNode per client, a CPU per sampled client
+    (ray_cpus) and, when the clients train on CUDA and there are ``gpus``, an equal share of the
+    cards for each sampled client, so they all train on them at once. Ray hides the GPUs from an
+    actor that holds no share of one: without this the clients would train on the CPU."""
+    config: dict[str, int | float] = {"num-supernodes": cfg.num_clients,
+                                      "client-resources-num-cpus": num_cpus_per_client,
+                                      "init-args-num-cpus": ray_cpus(cfg, num_cpus_per_client)}
+    if gpus > 0 and cfg.device != "cpu":
+        share = min(1.0, math.floor(10_000 * gpus / cfg.sample_size) / 10_000)  # Ray's 4-decimal resolution
+        config |= {"client-resources-num-gpus": share, "init-args-num-gpus": gpus}
+    return config
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def ray_cpus(cfg: RunConfig, num_cpus_per_client: int) -> int:
