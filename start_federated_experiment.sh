@@ -68,8 +68,8 @@ ensure_venv() {
         "$VENV/bin/pip" install -r "$SCRIPT_DIR/requirements_federated.txt"
         "$VENV/bin/pip" install --no-build-isolation --no-deps -e "$SCRIPT_DIR"
     fi
-    "$PY" -c 'import sys; from pathlib import Path; from fedmergenet.launcher.flwr_cli import configure_project
-configure_project(Path(sys.argv[1]))' "$VENV"
+    "$PY" -c 'import sys; from pathlib import Path; from fedmergenet.launcher.federated import configure_flwr_run
+configure_flwr_run(Path(sys.argv[1]))' "$VENV"
 }
 
 prepare() {

@@ -281,11 +281,12 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
     import uuid
 
     from fedmergenet.flower.task import _editable_source
+    from fedmergenet.launcher.federated import federation_config
     from fedmergenet.launcher.flwr_cli import FLOWER_SETTINGS, configure_project
     from fedmergenet.launcher.processes import free_port
 
     home = tmp_path / "flwr-home"
-    configure_project(tmp_path / "no-venv", flwr_home=home)
+    configure_project(tmp_path / "no-venv", federation_config(RunConfig(), 1, gpus=0), flwr_home=home)
     http_port, control_port = free_port(), free_port()
     env = os.environ | FLOWER_SETTINGS | {
         "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

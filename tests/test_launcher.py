@@ -127,3 +127,26 @@ def test_simulated_clients_training_on_cuda_share_the_gpus():
     assert 3 * shared["client-resources-num-gpus"] <= 1  # all three fit on the card at once
     assert federation_config(cfg.replace(device="cpu"), 1, gpus=1) == cpu_only
     assert federation_config(cfg, 1, gpus=8)["client-resources-num-gpus"] == 1.0
+
+
+def test_the_set_up_prepares_plain_flwr_run(tmp_path):
+    """configure_project: the activate script exports Flower's settings once, and the local
+    simulation connection gets the runner's settings as Flower's nested options."""
+    import tomllib
+
+    from fedmergenet.launcher.flwr_cli import ACTIVATE_MARKER, configure_project
+
+    venv, home = tmp_path / "venv", tmp_path / "flwr"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("# the venv's own script\n")
+    federation = {"num-supernodes": 3, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.3333,
+                  "init-args-num-cpus": 3, "init-args-num-gpus": 1}
+    for _ in range(2):
+        configure_project(venv, federation, flwr_home=home)
+    activate = (venv / "bin" / "activate").read_text()
+    assert activate.count(ACTIVATE_MARKER) == 1
+    assert f'FLWR_HOME="{home}"' in activate and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in activate
+    config = tomllib.loads((home / "config.toml").read_text())["superlink"]
+    assert config["default"] == "local" and config["local"]["address"] == ":local:"
+    assert config["local"]["options"] == {"num-supernodes": 3, "backend": {
+        "client-resources": {"num-cpus": 1, "num-gpus": 0.3333}, "init-args": {"num-cpus": 3, "num-gpus": 1}}}

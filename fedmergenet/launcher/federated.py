@@ -95,6 +95,12 @@ def federation_config(cfg: RunConfig, num_cpus_per_client: int, gpus: int) -> di
     return config
 
 
+def configure_flwr_run(venv: Path) -> None:
+    """The set-up's step for plain ``flwr run .``: Flower's settings in the virtualenv, and a local
+    simulation like the runner's for the presets' 3 clients, sharing this machine's GPUs if any."""
+    flwr_cli.configure_project(venv, federation_config(RunConfig(), num_cpus_per_client=1, gpus=visible_gpus()))
+
+
 def visible_gpus() -> int:
     import torch
 

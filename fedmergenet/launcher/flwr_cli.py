@@ -44,10 +44,6 @@ FLOWER_SETTINGS = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-# `flwr run .`'s local simulation: one SuperNode per client of the quick preset, each holding one
-# CPU, and Ray told there are as many CPUs as clients so all of them train at once (on 2 cores a
-# second wave of clients left one core idle).
-LOCAL_FEDERATION = {"num-supernodes": 3, "backend": {"client-resources": {"num-cpus": 1}, "init-args": {"num-cpus": 3}}}
 ACTIVATE_MARKER = "# federated MergeNet: Flower's settings for `flwr run .` in this project"
 
 
@@ -82,10 +78,10 @@ def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None, 
     path.write_text(tomli_w.dumps(config))
 
 
-def configure_project(venv: Path, flwr_home: Path = FLWR_HOME) -> None:
+def configure_project(venv: Path, federation: dict[str, Any], flwr_home: Path = FLWR_HOME) -> None:
     """What plain ``flwr run .`` needs, written by the set-up: the virtualenv's activate script
     exports Flower's settings, and the project's Flower home has a local simulation connection
-    (the CLI's default) sized for the quick preset. Idempotent."""
+    (the CLI's default) with ``federation``'s settings (``--federation-config`` keys). Idempotent."""
     import tomllib
 
     activate = venv / "bin" / "activate"
@@ -98,9 +94,22 @@ def configure_project(venv: Path, flwr_home: Path = FLWR_HOME) -> None:
     superlink = config.setdefault("superlink", {})
     superlink.setdefault("default", "local")
     if "options" not in superlink.get("local", {}):
-        superlink["local"] = {"address": ":local:", "options": LOCAL_FEDERATION}
+        superlink["local"] = {"address": ":local:", "options": simulation_options(federation)}
         flwr_home.mkdir(parents=True, exist_ok=True)
         path.write_text(tomli_w.dumps(config))
+
+
+def simulation_options(federation: dict[str, Any]) -> dict[str, Any]:
+    """``--federation-config`` keys (client-resources-num-cpus, ...) as a connection's nested options."""
+    options: dict[str, Any] = {}
+    for key, value in federation.items():
+        for table in ("client-resources", "init-args"):
+            if key.startswith(table + "-"):
+                options.setdefault("backend", {}).setdefault(table, {})[key[len(table) + 1:]] = value
+                break
+        else:
+            options[key] = value
+    return options
 
 
 def remove_connection(flwr_home: Path, name: str) -> None:
