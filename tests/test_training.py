@@ -142,3 +142,32 @@ def test_evaluate_counts_exact_hits():
 
     result = evaluate(AlwaysZero(), DataLoader(data, batch_size=3), CPU)
     assert (result.top1, result.top5, result.examples) == (0.5, 1.0, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path):
+    """On a GPU (skipped elsewhere): the client's partition goes to the card and its batches are
+    made there; a round of local training gives a finite loss and leaves the weights on the card."""
+    from pathlib import Path
+
+    from fedmergenet.config import RunConfig
+    from fedmergenet.data import DeviceBatches, ImageDataset
+    from fedmergenet.data.splits import client_data
+    from fedmergenet.flower.client_app import local_train
+    from fedmergenet.models import new_student
+
+    cuda = torch.device("cuda")
+    images, labels = tiny_batch(n=64).tensors
+    ds = ImageDataset(name="toy", images=(images * 40 + 128).clamp(0, 255).to(torch.uint8), labels=labels,
+                      num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    batches = DeviceBatches(ds, None, batch_size=16, train=True, seed=0, device=cuda)
+    x, y = next(iter(batches))
+    assert x.is_cuda and y.is_cuda and x.shape == (16, 3, 32, 32)
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("the client part needs Debian's dataset-fashion-mnist package")
+    cfg = RunConfig(dataset="fashion-mnist", data_dir=str(tmp_path), train_limit=96, batch_size=16, device="cuda")
+    assert isinstance(client_data(cfg, 0, 2, device=cuda).train, DeviceBatches)
+    model = new_student(cfg).to(cuda)
+    loss, examples = local_train(cfg, model, 0, 2, server_round=1, device=cuda)
+    assert examples > 0 and torch.isfinite(torch.tensor(loss))
+    assert next(model.parameters()).is_cuda
