@@ -215,12 +215,12 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
         """Build from Flower's ``context.run_config`` (kebab-case keys, TOML scalars)."""
-        values = {}
-        for f in fields(cls):
-            key = key_of(f.name)
-            if key in run_config:
-                values[f.name] = _coerce(f, run_config[key])
-        return cls(**values)
+        return cls(**field_values(run_config))
+
+
+def field_values(run_config: dict[str, Any]) -> dict[str, Any]:
+    """RunConfig field values from the run-config keys present (kebab-case, TOML scalars)."""
+    return {f.name: _coerce(f, run_config[key_of(f.name)]) for f in fields(RunConfig) if key_of(f.name) in run_config}
 
 
 def resolve_milestones(spec: str, total_epochs: int) -> list[int]:
@@ -365,13 +365,12 @@ def read_preset(preset: str) -> dict[str, Any]:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path} is not a readable TOML file ({exc})") from None
-    by_key = {key_of(f.name): f for f in fields(RunConfig)}
-    unknown = sorted(set(values) - set(by_key))
+    unknown = sorted(set(values) - {key_of(f.name) for f in fields(RunConfig)})
     if unknown:
         raise ConfigError(f"{path} sets unknown option(s) {', '.join(unknown)}; run options are the keys of "
                           f"[tool.flwr.app.config] in pyproject.toml")
     try:
-        return {by_key[key].name: _coerce(by_key[key], value) for key, value in values.items()}
+        return field_values(values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

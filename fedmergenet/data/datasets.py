@@ -396,7 +396,7 @@ def make_loader(
     train: bool,
     seed: int,
     device: torch.device | None = None,
-    augment: bool | None = None,
+    augment: bool = True,
 ) -> DataLoader | DeviceBatches:
     """Batches of (float [B, 3, 32, 32], int64 [B]); train order and augmentation follow `seed`.
 
@@ -405,7 +405,6 @@ def make_loader(
     DataLoader augments image by image, each from a seed of its own."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    augment = True if augment is None else augment
     if device is not None and device.type == "cuda":
         return DeviceBatches(ds, indices, batch_size, train, seed, device, augment)
     dataset = TensorImageDataset(ds, indices, train and augment)

@@ -9,6 +9,7 @@ data and the models live in fedmergenet.data and fedmergenet.models (no Flower t
 from __future__ import annotations
 
 import json
+from functools import cache
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 from flwr.supercore.utils import get_flwr_home
 
-from ..config import RunConfig
+from ..config import PROJECT_ROOT, RunConfig
 
 
 def run_config(context: Context) -> RunConfig:
@@ -27,6 +28,7 @@ def run_config(context: Context) -> RunConfig:
     return RunConfig.from_run_config(context.run_config).anchored(app_root())
 
 
+@cache  # one answer per process; it reads the package's install record
 def app_root() -> Path:
     """The project folder the app was started from: where ``data/``, ``checkpoints/`` and
     ``results/`` of a run with relative paths live.
@@ -36,10 +38,9 @@ def app_root() -> Path:
     package as an editable install, whose record (PEP 610's direct_url.json) names the project
     folder. Run from the source tree, the folder is the one above this package.
     """
-    here = Path(__file__).resolve().parents[2]
-    if (get_flwr_home().resolve() / "apps") not in here.parents:
-        return here
-    return _editable_source("fedmergenet") or here
+    if (get_flwr_home().resolve() / "apps") not in PROJECT_ROOT.parents:
+        return PROJECT_ROOT
+    return _editable_source("fedmergenet") or PROJECT_ROOT
 
 
 def _editable_source(package: str) -> Path | None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,43 +61,43 @@ def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None, options: dict[str, Any] | None = None) -> None:
-    """Add or replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the others."""
-    import tomllib
-
+def _read_flower_config(flwr_home: Path) -> dict[str, Any]:
     path = flwr_home / "config.toml"
+    return tomllib.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_flower_config(flwr_home: Path, config: dict[str, Any]) -> None:
     flwr_home.mkdir(parents=True, exist_ok=True)
-    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None) -> None:
+    """Add or replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the others."""
+    config = _read_flower_config(flwr_home)
     entry: dict[str, Any] = {"address": address}
     if tls is None:
         entry["insecure"] = True
     else:
         entry["root-certificates"] = str(Path(tls.ca_cert).resolve())
-    if options:
-        entry["options"] = options
     config.setdefault("superlink", {})[name] = entry
-    path.write_text(tomli_w.dumps(config))
+    _write_flower_config(flwr_home, config)
 
 
 def configure_project(venv: Path, federation: dict[str, Any], flwr_home: Path = FLWR_HOME) -> None:
     """What plain ``flwr run .`` needs, written by the set-up: the virtualenv's activate script
     exports Flower's settings, and the project's Flower home has a local simulation connection
     (the CLI's default) with ``federation``'s settings (``--federation-config`` keys). Idempotent."""
-    import tomllib
-
     activate = venv / "bin" / "activate"
     if activate.is_file() and ACTIVATE_MARKER not in activate.read_text():
         exports = " ".join(f"{k}={v}" for k, v in {"FLWR_HOME": f'"{flwr_home}"', **FLOWER_SETTINGS}.items())
         with open(activate, "a", encoding="utf-8") as script:
             script.write(f"\n{ACTIVATE_MARKER}\nexport {exports}\n")
-    path = flwr_home / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    config = _read_flower_config(flwr_home)
     superlink = config.setdefault("superlink", {})
     superlink.setdefault("default", "local")
     if "options" not in superlink.get("local", {}):
         superlink["local"] = {"address": ":local:", "options": simulation_options(federation)}
-        flwr_home.mkdir(parents=True, exist_ok=True)
-        path.write_text(tomli_w.dumps(config))
+        _write_flower_config(flwr_home, config)
 
 
 def simulation_options(federation: dict[str, Any]) -> dict[str, Any]:
@@ -114,14 +115,9 @@ def simulation_options(federation: dict[str, Any]) -> dict[str, Any]:
 
 def remove_connection(flwr_home: Path, name: str) -> None:
     """Forget a connection made for one run, so config.toml does not grow with every run."""
-    import tomllib
-
-    path = flwr_home / "config.toml"
-    if not path.exists():
-        return
-    config = tomllib.loads(path.read_text())
+    config = _read_flower_config(flwr_home)
     if config.get("superlink", {}).pop(name, None) is not None:
-        path.write_text(tomli_w.dumps(config))
+        _write_flower_config(flwr_home, config)
 
 
 def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path,
