@@ -209,16 +209,18 @@ def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s:
 
 def library_versions() -> dict[str, str]:
     """Versions that decide whether two runs are comparable (torch's with its build, such as
-    +cu130; Flower's read from its metadata, since the central arms run without importing it)."""
+    +cu130). The others are read from their metadata: the central arms run without importing
+    Flower, and importing torchvision would cost every run seconds of CPU for one string."""
     from importlib import metadata
 
     import numpy
     import torch
-    import torchvision
 
-    try:
-        flwr = metadata.version("flwr")
-    except metadata.PackageNotFoundError:
-        flwr = "unknown"
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "flwr": flwr, "numpy": numpy.__version__}
+    def installed(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": installed("torchvision"),
+            "flwr": installed("flwr"), "numpy": numpy.__version__}
