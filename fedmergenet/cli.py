@@ -173,10 +173,12 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
         seeds = args.seeds or [cfg.seed, cfg.seed + 1]
         run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
         return 0
+    if args.central and cfg.fusion_arms:
+        raise ConfigError("--fusion-arms runs federated arms in one Flower run; the central arms run one at a time")
     # Checked before a missing teacher is pretrained; each arm checks again as it starts.
     check_run(cfg, Path(cfg.output_dir or f"results/{cfg.central_arm}") if args.central else cfg.output_path(),
               teacher=False)
-    if cfg.fusion:
+    if any(run.fusion for run in cfg.arm_runs()):
         ensure_teacher(cfg)
     if args.central:
         from .experiments.baseline import run_central

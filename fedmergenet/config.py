@@ -32,6 +32,10 @@ FUSION_MODES = ("gated", "replace")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
               "krum", "bulyan")
 DP_MODES = ("none", "server-fixed", "client-fixed")
+# The comparison's arms by their fusion setting: the placebo fuses the teacher's shuffled fc.weight.
+FUSION_ARMS = {"plain": {"fusion": False, "placebo_teacher": False},
+               "mergenet": {"fusion": True, "placebo_teacher": False},
+               "placebo": {"fusion": True, "placebo_teacher": True}}
 
 
 @dataclass
@@ -138,6 +142,9 @@ class RunConfig:
     eval_batch_size: int = opt(256, "batch size of evaluation")
     skip_federated_eval: bool = opt(False, "only the server's central evaluation (halves the messages per round)")
     resume: bool = opt(False, "continue the run in output_dir from its last completed round")
+    fusion_arms: str = opt("", "several arms in one Flower run, one after another, each in output-dir/<arm>: any "
+                               "of plain, mergenet, placebo (the suite's federated arms share one start-up); empty = "
+                               "the one arm the other options describe")
 
     # --- derived values -------------------------------------------------------------
     @property
@@ -182,7 +189,7 @@ class RunConfig:
         return Path(self.teacher_checkpoint or f"checkpoints/teacher_resnet50_{self.dataset}.pt")
 
     def output_path(self) -> Path:
-        return Path(self.output_dir or f"results/{self.arm}")
+        return Path(self.output_dir or ("results" if self.fusion_arms else f"results/{self.arm}"))
 
     def anchored(self, root: Path) -> RunConfig:
         """The same run with its data, teacher and output paths absolute, relative ones taken
@@ -207,6 +214,17 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_fusion_arm(self, name: str) -> RunConfig:
+        """This run as arm ``name`` of the comparison: plain (no fusion), mergenet or placebo."""
+        return self.replace(**FUSION_ARMS[name])
+
+    def arm_runs(self) -> list[RunConfig]:
+        """The runs this config stands for: itself, or each of its ``fusion_arms`` in output_dir/<arm>."""
+        if not self.fusion_arms:
+            return [self]
+        runs = [self.replace(fusion_arms="").with_fusion_arm(name) for name in self.fusion_arms.split()]
+        return [run.replace(output_dir=str(self.output_path() / run.arm)) for run in runs]
 
     # --- Flower run config -------------------------------------------------------------
     def to_run_config(self) -> dict[str, Any]:
@@ -285,6 +303,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.round_timeout > 0 and cfg.node_wait_timeout > 0, "timeouts must be positive"),
         (cfg.fusion or not cfg.placebo_teacher, "--placebo-teacher is a fusion arm: drop --no-fusion"),
+        (set(cfg.fusion_arms.split()) <= set(FUSION_ARMS),
+         f"--fusion-arms lists arms among {', '.join(FUSION_ARMS)} (got {cfg.fusion_arms!r})"),
+        (not (cfg.fusion_arms and cfg.resume), "--resume continues one arm: drop --fusion-arms"),
     ] + strategy_checks(cfg)
     for ok, message in checks:
         if not ok:

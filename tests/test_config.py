@@ -111,6 +111,8 @@ def test_anchored_paths_are_absolute_and_absolute_paths_stay():
         ({"num_clients": 3, "clients_per_round": 4}, "--clients-per-round"),
         ({"rounds": 0}, "--rounds"),
         ({"device": "tpu"}, "unknown device"),
+        ({"fusion_arms": "plain best"}, "--fusion-arms"),
+        ({"fusion_arms": "plain", "resume": True}, "--fusion-arms"),
     ],
 )
 def test_validate_rejects_options_out_of_range(changes, words):
@@ -208,3 +210,17 @@ def test_alpha_zero_on_the_command_line_is_rejected():
     """--alpha 0 is not 'IID': it is refused with a hint to leave it unset."""
     with pytest.raises(ConfigError, match="alpha"):
         parse("--alpha", "0")
+
+
+def test_fusion_arms_stand_for_one_run_per_arm_in_its_own_folder():
+    """The suite's federated arms as one config: each arm is the same run with its fusion setting,
+    in output-dir/<arm>; without --fusion-arms a config is its own single run."""
+    cfg = parse("--fusion-arms", "plain mergenet placebo", "--output-dir", "out/seed0", "--strategy", "fedavg")
+    runs = cfg.arm_runs()
+    assert [run.arm for run in runs] == ["fedavg", "fedavg_mergenet", "fedavg_placebo"]
+    assert [run.output_dir for run in runs] == [f"out/seed0/{run.arm}" for run in runs]
+    assert [(run.fusion, run.placebo_teacher) for run in runs] == [(False, False), (True, False), (True, True)]
+    assert all(run.replace(fusion=cfg.fusion, placebo_teacher=False, output_dir=cfg.output_dir, fusion_arms=cfg.fusion_arms)
+               == cfg for run in runs)  # nothing else differs
+    single = parse("--output-dir", "out/one")
+    assert single.arm_runs() == [single]

@@ -82,6 +82,10 @@ def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, 
     assert [r["fusion_applied"] for r in read_metrics(runs["fedavg"])] == [0, 0, 0]
     assert sum(r["fusion_applied"] for r in read_metrics(runs["central_mergenet"])) > 0
     assert [r["fusion_applied"] for r in read_metrics(runs["fedavg_placebo"])] == [0, 1, 1]
+    # The three federated arms ran one after another in one Flower run.
+    flower_log = (tmp_path / "suite" / "seed0" / "flower.log").read_text()
+    assert [line.split("Results: ")[1].strip() for line in flower_log.splitlines() if "Results: " in line] == [
+        str(runs[arm]) for arm in ("fedavg", "fedavg_mergenet", "fedavg_placebo")]
 
     # The teacher never changes: file untouched, and the run recorded its checksum. The placebo
     # arms fused from the same checkpoint with its fc.weight shuffled.

@@ -86,8 +86,9 @@ def estimate_suite(cfg: RunConfig, seeds: int, train_images: int, test_images: i
     # Federated arms also evaluate each client's validation split every round.
     federated_eval_s = eval_s + epochs * cfg.val_fraction * train_images / (EVAL_SPEEDUP * student_rate)
     central = train_s + eval_s
-    federated = train_s + federated_eval_s + SIMULATION_START_S + cfg.rounds * FEDERATED_ROUND_S
+    federated = train_s + federated_eval_s + cfg.rounds * FEDERATED_ROUND_S
+    # The three federated arms share one Flower run, so one simulation start-up.
     per_seed = (central + 2 * (central + central_fusions * fusion_s)
-                + federated + 2 * (federated + federated_fusions * fusion_s))
+                + SIMULATION_START_S + federated + 2 * (federated + federated_fusions * fusion_s))
     teacher_s = cfg.teacher_epochs * teacher_images / teacher_rate if teacher_images else 0.0
     return Estimate(teacher_s=teacher_s, per_seed_s=per_seed, seeds=seeds)

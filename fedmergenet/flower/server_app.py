@@ -237,11 +237,12 @@ class FederatedRun:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = run_config(context)
-    try:
-        run = FederatedRun(cfg)
-    except UserError as exc:
-        log(ERROR, "error: %s", exc)
-        raise SystemExit(2) from None
     if cfg.random_teacher:
         log(WARNING, "Using a random teacher: results are a smoke test, not a MergeNet result")
-    run.run(grid)
+    for arm_cfg in cfg.arm_runs():  # several arms share the nodes (and the simulation's start-up)
+        try:
+            run = FederatedRun(arm_cfg)
+        except UserError as exc:
+            log(ERROR, "error: %s", exc)
+            raise SystemExit(2) from None
+        run.run(grid)

@@ -42,16 +42,18 @@ def record_partitions(cfg: RunConfig, out: Path, echo: bool = True) -> None:
 
 
 def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
-    out = Path(cfg.output_dir)
-    try:
-        summary = read_summary(out)
-    except ValueError:
-        summary = {}
-    if status != "finished:completed" or summary.get("status") != "completed":
-        reason = summary.get("error") or (f"Flower reports the run as {status}" if summary or status != "finished:completed"
-                                          else "the ServerApp stopped before writing a summary")
-        raise processes.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
-    return out
+    """The output folder, once Flower reports the run completed and so does each arm's summary."""
+    for run in cfg.arm_runs():
+        try:
+            summary = read_summary(Path(run.output_dir))
+        except ValueError:
+            summary = {}
+        if status != "finished:completed" or summary.get("status") != "completed":
+            reason = summary.get("error") or (f"Flower reports the run as {status}"
+                                              if summary or status != "finished:completed"
+                                              else "the ServerApp stopped before writing a summary")
+            raise processes.RuntimeFailure(f"the federated run did not complete: {reason}; log: {log_path}")
+    return Path(cfg.output_dir)
 
 
 def run_simulation(cfg: RunConfig, num_cpus_per_client: int = 1, echo: bool = True, app_dir: Path = PROJECT_ROOT) -> Path:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checks import check_run
-from ..config import RunConfig
+from ..config import FUSION_ARMS, RunConfig
 from ..experiments.baseline import run_central, union_of_client_data
 from ..experiments.estimate import Estimate, estimate_suite
 from ..experiments.pretrain import ensure_teacher, teacher_data_config
-from ..results import ARMS as SUITE_ARMS
 from .federated import run_simulation
 
 
@@ -26,15 +25,18 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
         print(suite_estimate(cfg, len(seeds)).describe(), flush=True)
     ensure_teacher(cfg, echo=echo)  # one teacher for every arm and seed: the comparison's constant
     for seed in seeds:
-        for arm in SUITE_ARMS:
-            arm_cfg = cfg.replace(seed=seed, output_dir=str(root / f"seed{seed}" / arm),
-                                  fusion=arm not in ("central", "fedavg"), placebo_teacher=arm.endswith("placebo"))
+        folder = root / f"seed{seed}"
+        for name in FUSION_ARMS:
+            arm_cfg = cfg.replace(seed=seed).with_fusion_arm(name)
+            arm_cfg = arm_cfg.replace(output_dir=str(folder / arm_cfg.central_arm))
             if echo:
-                print(f"\n=== {arm} (seed {seed}) -> {arm_cfg.output_dir}", flush=True)
-            if arm.startswith("central"):
-                run_central(arm_cfg, mergenet=arm_cfg.fusion, cotrain_teacher=cotrain_teacher, echo=echo)
-            else:
-                run_simulation(arm_cfg, echo=echo)
+                print(f"\n=== {arm_cfg.central_arm} (seed {seed}) -> {arm_cfg.output_dir}", flush=True)
+            run_central(arm_cfg, mergenet=arm_cfg.fusion, cotrain_teacher=cotrain_teacher, echo=echo)
+        # The federated arms one after another in one Flower run: one simulation start-up, not three.
+        federated = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
+        if echo:
+            print(f"\n=== {', '.join(run.arm for run in federated.arm_runs())} (seed {seed}) -> {folder}", flush=True)
+        run_simulation(federated, echo=echo)
     if not compare:
         return root
     from ..report import write_report
