@@ -33,76 +33,76 @@ def tiny_flags(teacher: Path, out: Path, rounds: int) -> list[str]:
             "--teacher-checkpoint", str(teacher), "--output-dir", str(out)]
 
 
-def misbehaving_app(tmp_path: Path) -> Path:
-    """Our ServerApp with the test ClientApp; its run config lists every RunConfig key, as Flower requires."""
+DP_MODES = ("server-fixed", "client-fixed")  # Flower's wrappers, and its clipping mod in our ClientApp
+HUGE = {"fedavg": {}, "fedmedian": {}, "krum": {"byzantine": 1}}  # Krum tolerating one
+
+
+def experiments() -> list[dict]:
+    """Every experiment of the one Flower run below: fusion around each strategy and under DP
+    (3 of 5 clients a round), malformed updates, a huge update, and a phase that times out."""
+    matrix = [{"name": f"{name}-fusion", "strategy": name} for name in STRATEGIES]
+    matrix += [{"name": f"fedavg-fusion-{mode}", "dp": mode} for mode in DP_MODES]
+    faults = [{"name": "malformed", "fault": "malformed", "clients_per_round": 0, "rounds": 3}]
+    faults += [{"name": f"{name}-huge", "strategy": name, **options, "fusion": False, "fault": "huge",
+                "clients_per_round": 0, "rounds": 1} for name, options in HUGE.items()]
+    # Last: its clients answer after the run has moved on.
+    faults += [{"name": "timeout", "fault": "slow", "round_timeout": 1.0, "skip_federated_eval": True, "rounds": 1}]
+    return matrix + faults
+
+
+@pytest.fixture(scope="module")
+def faults_run(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> tuple[Path, RunConfig]:
+    """One Flower simulation (5 nodes) running every experiment one after another; the tests
+    below read its results. Sharing the run spares each experiment the simulation's start-up."""
+    import json
+
     import tomli_w
 
-    app = tmp_path / "misbehaving"
-    shutil.copytree(ROOT / "tests" / "apps" / "misbehaving", app)
+    tmp = tmp_path_factory.mktemp("faults")
+    app = tmp / "matrix"
+    shutil.copytree(ROOT / "tests" / "apps" / "matrix", app)
+    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=80, test_limit=32, rounds=2, local_epochs=1,
+                    num_clients=5, clients_per_round=3, batch_size=16, fusion_start_round=1, adapter_layers=1,
+                    dp_noise_multiplier=0.0, dp_clipping_norm=1e-3,  # read by the DP experiments only
+                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp / "out"))
     pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text() + tomli_w.dumps(RunConfig().to_run_config()))
-    return app
+    pyproject.write_text(pyproject.read_text() + tomli_w.dumps(cfg.to_run_config()
+                                                               | {"experiments": json.dumps(experiments())}))
+    run_simulation(cfg, echo=False, app_dir=app)
+    return tmp / "out", cfg
 
 
-def test_malformed_updates_are_rejected_and_the_rest_averaged(tmp_path: Path, teacher_file: Path) -> None:
-    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=128, test_limit=32, rounds=3, local_epochs=1,
-                    num_clients=4, batch_size=16,
-                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
-    run_simulation(cfg, echo=False, app_dir=misbehaving_app(tmp_path))
-
-    rows = [r for r in read_metrics(tmp_path / "out") if r["round"] > 0]
-    assert [r["rejected"] for r in rows] == [3, 3, 3]  # nodes 1-3 misbehave, node 0 is honest
-    assert all(r["round_status"] == "ok" for r in rows)  # each round averaged the sound update
+def test_malformed_updates_are_rejected_and_the_rest_averaged(faults_run: tuple[Path, RunConfig]) -> None:
+    out = faults_run[0] / "malformed"
+    rows = [r for r in read_metrics(out) if r["round"] > 0]
+    assert [r["rejected"] for r in rows] == [3, 3, 3]  # nodes 1-3 misbehave, nodes 0 and 4 are honest
+    assert all(r["round_status"] == "ok" for r in rows)  # each round averaged the sound updates
     reasons = " | ".join(reason for r in rows for reason in r["rejections"])
     for expected in ("NaN or Inf", "tensor names differ", "has shape", "has dtype float64", "num-examples 0",
                      "num-examples 1000000000000"):
         assert expected in reasons
     assert all(reason.startswith("node ") for r in rows for reason in r["rejections"])
-    assert read_summary(tmp_path / "out")["status"] == "completed"
+    assert read_summary(out)["status"] == "completed"
 
 
-def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(tmp_path: Path, teacher_file: Path) -> None:
+def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(faults_run: tuple[Path, RunConfig]) -> None:
     """Flower ends a phase at its timeout with zero replies and no error; we say so in the round."""
-    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=64, test_limit=32, rounds=1, local_epochs=1,
-                    num_clients=2, batch_size=16, round_timeout=1.0, skip_federated_eval=True,
-                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
-    run_simulation(cfg, echo=False)
-
-    rows = read_metrics(tmp_path / "out")
+    out = faults_run[0] / "timeout"
+    rows = read_metrics(out)
     assert rows[1]["round_status"] == "no_replies"
-    assert rows[1]["sampled"] == 2 and rows[1]["replies"] == 0 and rows[1]["fusion_applied"] == 0
+    assert rows[1]["sampled"] == 3 and rows[1]["replies"] == 0 and rows[1]["fusion_applied"] == 0
     assert rows[1]["test_top1"] == rows[0]["test_top1"]  # the global model was kept
-    assert "no sound update" in (tmp_path / "out" / "flower.log").read_text()
-    assert read_summary(tmp_path / "out")["rounds_without_update"] == 1
+    assert "no sound update" in (faults_run[0] / "flower.log").read_text()
+    assert read_summary(out)["rounds_without_update"] == 1
 
 
-
-def matrix_app(tmp_path: Path, matrix: str, clientapp: str = "fedmergenet.flower.client_app:app") -> Path:
-    """The test app running ``matrix`` (strategy:fusion pairs) in one Flower run."""
-    import tomli_w
-
-    app = tmp_path / "matrix"
-    shutil.copytree(ROOT / "tests" / "apps" / "matrix", app)
-    pyproject = app / "pyproject.toml"
-    text = pyproject.read_text().replace('"fedmergenet.flower.client_app:app"', f'"{clientapp}"')
-    pyproject.write_text(text + tomli_w.dumps(RunConfig().to_run_config() | {"matrix": matrix}))
-    return app
-
-
-def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(tmp_path: Path, teacher_file: Path) -> None:
+def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(faults_run: tuple[Path, RunConfig]) -> None:
     """Fusion around each of Flower's strategies in the real runtime: both rounds aggregate and fuse.
     (Without fusion each strategy is Flower's own exactly: test_strategy.py checks that for every
     one, and the plain path runs end to end in the suite test and the robustness test below.)"""
-    dp_modes = ("server-fixed", "client-fixed")  # Flower's wrappers, and its clipping mod in our ClientApp
-    matrix = " ".join([f"{name}:1" for name in STRATEGIES] + [f"fedavg:1:{mode}" for mode in dp_modes])
-    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=48, test_limit=32, rounds=2, local_epochs=1,
-                    num_clients=3, batch_size=16, fusion_start_round=1, adapter_layers=1,
-                    dp_noise_multiplier=0.0, dp_clipping_norm=1e-3,  # read by the DP experiments only
-                    teacher_checkpoint=str(teacher_file), output_dir=str(tmp_path / "out"))
-    run_simulation(cfg, echo=False, app_dir=matrix_app(tmp_path, matrix))
-
+    root, cfg = faults_run
     for name in STRATEGIES:
-        out = tmp_path / "out" / f"{name}-fusion"
+        out = root / f"{name}-fusion"
         summary = read_summary(out)
         rows = [r for r in read_metrics(out) if r["round"] > 0]
         assert summary["status"] == "completed", out
@@ -112,10 +112,10 @@ def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(tmp_path: Path,
         assert [r["fusion_applied"] for r in rows] == [1, 1], out
         assert rows[1]["adapter_learned"] == 1, out  # from where the clients took the layer fused in round 1
         assert all(np.isfinite(r["test_loss"]) for r in rows), out
-    assert read_summary(tmp_path / "out" / "fedavgm-fusion")["strategy"]["hyperparameters"] == {
+    assert read_summary(root / "fedavgm-fusion")["strategy"]["hyperparameters"] == {
         "server_learning_rate": 1.0, "server_momentum": 0.0}
-    for mode in dp_modes:
-        out = tmp_path / "out" / f"fedavg-fusion-{mode}"
+    for mode in DP_MODES:
+        out = root / f"fedavg-fusion-{mode}"
         summary = read_summary(out)
         assert summary["status"] == "completed" and summary["arm"] == f"fedavg-dp-{mode}_mergenet"
         assert summary["strategy"]["dp"]["mode"] == mode
@@ -128,24 +128,21 @@ def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(tmp_path: Path,
         assert float(sum((final[k].double() - start[k].double()).pow(2).sum() for k in clipped).sqrt()) <= 2.1e-3
 
 
-def test_robust_strategies_keep_a_huge_update_out_while_fedavg_takes_it_in(tmp_path: Path) -> None:
+def test_robust_strategies_keep_a_huge_update_out_while_fedavg_takes_it_in(faults_run: tuple[Path, RunConfig]) -> None:
     """Node 0 of five sends its update scaled 1000x (finite, well-formed). FedAvg's model
     moves with it; Krum (tolerating one) and FedMedian stay where honest training took them."""
-    cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=80, test_limit=32, rounds=1, local_epochs=1,
-                    num_clients=5, batch_size=16, fusion=False, strategy="krum", byzantine=1,
-                    output_dir=str(tmp_path / "out"))
-    run_simulation(cfg, echo=False, app_dir=matrix_app(tmp_path, "fedavg:0 fedmedian:0 krum:0", "large_client:app"))
-
+    root, cfg = faults_run
     start = initial_student(cfg).state_dict()
     weights = [name for name in start if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
-    def moved(folder: str) -> float:
-        final = torch.load(tmp_path / "out" / folder / "final_model.pt", weights_only=True)
+    def moved(name: str) -> float:
+        final = torch.load(root / f"{name}-huge" / "final_model.pt", weights_only=True)
         return float(sum((final[k] - start[k]).pow(2).sum() for k in weights).sqrt())
 
-    honest_scale = min(moved("fedmedian-plain"), moved("krum-plain"))
-    assert moved("fedavg-plain") > 50 * honest_scale
-    assert max(moved("fedmedian-plain"), moved("krum-plain")) < 5 * honest_scale
+    honest_scale = min(moved("fedmedian"), moved("krum"))
+    assert moved("fedavg") > 50 * honest_scale
+    assert max(moved("fedmedian"), moved("krum")) < 5 * honest_scale
+
 
 def _runner(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "run_federated_mergenet.py"), *args], cwd=ROOT,
