@@ -58,9 +58,9 @@ usage_error() {
 # own settings, so it takes the same files from the same indexes, links and constraints as
 # pip would, several times faster (torch alone unpacks to 5 GB); plain pip if uv cannot be had.
 install_requirements() (
-    local pip="$VENV/bin/pip" requirements="$SCRIPT_DIR/requirements_federated.txt"
-    if ! "$pip" install -q "uv>=0.13.5,<0.14.0"; then
-        "$pip" install -r "$requirements"
+    local requirements="$SCRIPT_DIR/requirements_federated.txt"
+    if ! "$VENV/bin/pip" install -q "uv>=0.13.5,<0.14.0"; then
+        "$VENV/bin/pip" install -r "$requirements"
         return
     fi
     # `pip config list` prints environment settings (PIP_*) before files; the first one wins, as in pip.
@@ -76,11 +76,11 @@ install_requirements() (
             constraint) export UV_CONSTRAINT="$value" ;;
             cert) export SSL_CERT_FILE="$value" ;;
         esac
-    done < <("$pip" config list 2>/dev/null)
+    done < <("$VENV/bin/pip" config list 2>/dev/null)
     # pip weighs every index alike; uv's default would take a package only from the first
     # index that has it, whatever versions the others offer.
     VIRTUAL_ENV="$VENV" UV_INDEX_STRATEGY=unsafe-best-match "$VENV/bin/uv" pip install -r "$requirements" ||
-        "$pip" install -r "$requirements"
+        "$VENV/bin/pip" install -r "$requirements"
 )
 
 # Create the virtual environment if it is missing; reuse it otherwise. Then make plain

@@ -23,6 +23,7 @@ from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler,
 from ..data.splits import client_data
 from ..models import new_student
 from .task import as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
+from .wire import wire_mod
 
 app = ClientApp()
 
@@ -79,7 +80,7 @@ def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
-@app.train(mods=[client_dp])
+@app.train(mods=[wire_mod, client_dp])
 def train(msg: Message, context: Context) -> Message:
     cfg, partition_id, num_partitions, device = _setup(msg, context)
     config = msg.content["config"]
@@ -100,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[wire_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the local validation split; when the server asks, first
     recompute its BatchNorm statistics on the local training split and send them back."""

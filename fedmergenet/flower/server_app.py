@@ -23,6 +23,7 @@ from ..training import evaluate, pick_device, seed_everything
 from .aggregation import build_strategy, describe
 from .state import ServerState, load_state, save_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
+from . import wire
 from .task import load_arrays, run_config
 
 app = ServerApp()
@@ -218,13 +219,13 @@ class FederatedRun:
         for server_round in range(first, self.cfg.rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
             train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs})
-            replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
+            replies = wire.send_and_receive(grid, strategy.configure_train(server_round, arrays, train_config, grid),
                                             timeout=timeout)
             aggregated, metrics = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:  # otherwise the round keeps the global model
                 arrays = aggregated
                 log(INFO, "Round %s train: %s", server_round, metrics)
-            replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            replies = wire.send_and_receive(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                             timeout=timeout)
             metrics = strategy.aggregate_evaluate(server_round, replies)  # pools BatchNorm statistics into arrays
             if metrics is not None:

@@ -45,6 +45,7 @@ from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
 from .task import as_float, record_bytes, scalars_from
+from .wire import wire_error
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -120,6 +121,8 @@ def check_arrays(arrays: ArrayRecord, spec: dict[str, TensorSpec]) -> str | None
 def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
     """Why a train reply must not be averaged, or None when it is sound."""
     content = msg.content
+    if (reason := wire_error(msg)) is not None:
+        return reason
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return "expected exactly one ArrayRecord and one MetricRecord"
     arrays = next(iter(content.array_records.values()))
@@ -130,6 +133,8 @@ def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) ->
 def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
     """Why an evaluate reply's BatchNorm statistics must not be pooled, or None when sound."""
     content = msg.content
+    if (reason := wire_error(msg)) is not None:
+        return reason
     if "bn" not in content.array_records or len(content.metric_records) != 1:
         return "no BatchNorm statistics"
     bn_spec = {name: s for name, s in spec.items() if name.endswith(("running_mean", "running_var"))}

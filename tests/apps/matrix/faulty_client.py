@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmergenet.flower import client_app as honest
+from fedmergenet.flower.wire import wire_mod
 
 app = ClientApp()
 
@@ -64,7 +65,7 @@ def scaled(msg: Message, reply: Message) -> Message:
     return reply
 
 
-@app.train(mods=[honest.client_dp])
+@app.train(mods=[wire_mod, honest.client_dp])
 def train(msg: Message, context: Context) -> Message:
     fault = str(msg.content["config"].get("test-fault", ""))
     partition = int(context.node_config["partition-id"])
@@ -78,6 +79,6 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-@app.evaluate()
+@app.evaluate(mods=[wire_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     return honest.evaluate(msg, context)

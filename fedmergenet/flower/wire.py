@@ -1,0 +1,113 @@
+"""Model tensors on the wire: one Array per dtype instead of one per tensor, names alongside.
+
+Flower moves every Array of a message as an object of its own: over the SuperLink's HTTP API
+each is a request (signed, checked and stored one by one), so the student's 373 tensors were
+about 600 requests per message, and in deployment most of a round went into them. On the wire
+a message's ArrayRecords travel packed: the values of each dtype in one flat Array, and each
+tensor's name, shape and dtype in a ConfigRecord (``wire``). Both ends unpack by name before
+anything else reads the message, so strategies, screening, DP and fusion see the tensors by
+name as before. A reply that arrives unpacked (another client implementation) passes as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp import Grid
+
+WIRE = "wire"  # the ConfigRecord with the layout of each packed ArrayRecord
+ERROR = "error"  # why a reply could not be unpacked; its screening rejects it
+
+
+def pack(record: ArrayRecord) -> tuple[ArrayRecord, dict[str, list[str]]]:
+    """``record`` as one flat Array per dtype, and the layout that restores it."""
+    groups: dict[str, list[np.ndarray]] = {}
+    layout: dict[str, list[str]] = {"names": [], "shapes": [], "dtypes": []}
+    for name, array in record.items():
+        values = array.numpy()
+        layout["names"].append(name)
+        layout["shapes"].append(",".join(map(str, values.shape)))
+        layout["dtypes"].append(values.dtype.str)
+        groups.setdefault(values.dtype.str, []).append(values.reshape(-1))
+    return ArrayRecord({dtype: Array(np.concatenate(parts)) for dtype, parts in groups.items()}), layout
+
+
+def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
+    """The tensors of ``packed`` by name; ValueError when the layout does not fit its values."""
+    names, shapes, dtypes = (list(layout.get(key, [])) for key in ("names", "shapes", "dtypes"))
+    if not len(names) == len(shapes) == len(dtypes) or len(set(names)) != len(names):
+        raise ValueError("its layout lists names, shapes and dtypes that do not pair up")
+    flat = {dtype: packed[dtype].numpy() for dtype in set(dtypes) if dtype in packed}
+    if set(flat) != set(packed) or set(flat) != set(dtypes):
+        raise ValueError(f"its packed dtypes {sorted(packed)} are not its layout's {sorted(set(dtypes))}")
+    offsets = dict.fromkeys(flat, 0)
+    tensors = {}
+    for name, shape_text, dtype in zip(names, shapes, dtypes):
+        shape = tuple(int(size) for size in shape_text.split(",") if size)
+        size, start = int(np.prod(shape, dtype=np.int64)), offsets[dtype]
+        if size < 0 or start + size > flat[dtype].size:
+            raise ValueError(f"its layout asks for more {dtype} values than it sent")
+        tensors[name] = Array(flat[dtype][start:start + size].reshape(shape))
+        offsets[dtype] = start + size
+    if any(offsets[dtype] != values.size for dtype, values in flat.items()):
+        raise ValueError("it sent more values than its layout places")
+    return ArrayRecord(tensors)
+
+
+def packed(msg: Message) -> Message:
+    """``msg`` with each of its ArrayRecords packed. Its content is replaced, not changed:
+    Flower's strategies give all of a round's messages one shared RecordDict."""
+    content, layouts = RecordDict(), {}
+    for key, record in msg.content.items():
+        if isinstance(record, ArrayRecord) and record:
+            record, layout = pack(record)
+            layouts |= {f"{key}.{part}": values for part, values in layout.items()}
+        content[key] = record
+    if layouts:
+        content[WIRE] = ConfigRecord(layouts)
+    msg.content = content
+    return msg
+
+
+def unpacked(msg: Message) -> Message:
+    """``msg`` with its ArrayRecords by name again. A layout that does not fit leaves them
+    packed and says why in ``wire.error``."""
+    if msg.has_error() or WIRE not in msg.content.config_records:
+        return msg
+    wire = msg.content[WIRE]
+    content = RecordDict()
+    try:
+        for key, record in msg.content.items():
+            if isinstance(record, ArrayRecord) and f"{key}.names" in wire:
+                record = unpack(record, {part: list(wire.get(f"{key}.{part}", [])) for part in ("names", "shapes", "dtypes")})
+            if key != WIRE:
+                content[key] = record
+    except (ValueError, KeyError, TypeError) as exc:
+        msg.content[WIRE] = ConfigRecord({ERROR: f"its packed tensors cannot be unpacked: {exc}"})
+        return msg
+    msg.content = content
+    return msg
+
+
+def wire_error(msg: Message) -> str | None:
+    """Why a reply could not be unpacked, or None."""
+    if WIRE in msg.content.config_records and ERROR in msg.content[WIRE]:
+        return str(msg.content[WIRE][ERROR])
+    return None
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Flower's ``grid.send_and_receive`` with the tensors packed on the way out and back."""
+    return [unpacked(reply) for reply in grid.send_and_receive([packed(msg) for msg in messages], timeout=timeout)]
+
+
+def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The ClientApp's side: unpack what the server sent, pack the reply."""
+    unpacked(msg)
+    if (reason := wire_error(msg)) is not None:
+        raise ValueError(f"the server's message {reason}")
+    reply = call_next(msg, context)
+    return reply if reply.has_error() else packed(reply)
