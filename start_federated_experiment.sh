@@ -78,8 +78,10 @@ install_requirements() (
         esac
     done < <("$VENV/bin/pip" config list 2>/dev/null)
     # pip weighs every index alike; uv's default would take a package only from the first
-    # index that has it, whatever versions the others offer.
-    VIRTUAL_ENV="$VENV" UV_INDEX_STRATEGY=unsafe-best-match "$VENV/bin/uv" pip install -r "$requirements" ||
+    # index that has it, whatever versions the others offer. Bytecode is compiled now, as pip
+    # does: with PYTHONDONTWRITEBYTECODE set, every process would compile torch's sources again.
+    VIRTUAL_ENV="$VENV" UV_INDEX_STRATEGY=unsafe-best-match UV_COMPILE_BYTECODE=1 \
+        "$VENV/bin/uv" pip install -r "$requirements" ||
         "$VENV/bin/pip" install -r "$requirements"
 )
 
