@@ -14,7 +14,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmergenet.cli import runner_main, server_main
 from fedmergenet.config import STRATEGIES, AdapterConfig, RunConfig, validate
@@ -30,22 +29,7 @@ from fedmergenet.training import Proximal, make_optimizer, train_epoch
 SMALL_TARGET = "stage1.residual.6.weight"  # [16, 32, 1, 1]: a cheap layer for schedule-only tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def task_identity():
-    """Messages built outside a running app need a run/node/task identity (Flower 1.42)."""
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def base_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return build_student(num_classes=10).state_dict()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "task_identity")
 
 
 def client_state(base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmergenet.config import RunConfig
 from fedmergenet.flower.aggregation import build_strategy
@@ -16,22 +15,9 @@ from fedmergenet.flower.client_app import client_dp
 from fedmergenet.flower.server_app import sampling
 from fedmergenet.flower.strategy import MergeNetFusion, spec_of
 from fedmergenet.flower.wire import WIRE, packed, unpacked, wire_error, wire_mod
-from fedmergenet.models import build_student
 
 
-@pytest.fixture(autouse=True, scope="module")
-def task_identity():
-    """Messages built outside a running app need a run/node/task identity (Flower 1.42)."""
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
-@pytest.fixture(scope="module")
-def student() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return build_student(num_classes=10).state_dict()
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def trained(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -51,9 +37,9 @@ def by_name(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def test_a_message_travels_as_one_array_per_dtype_and_arrives_by_name(student):
+def test_a_message_travels_as_one_array_per_dtype_and_arrives_by_name(base_state):
     """Flower moves each Array as an object of its own; packed, the student is a handful."""
-    sent = reply(trained(student, 1), node_id=101)
+    sent = reply(trained(base_state, 1), node_id=101)
     before = by_name(sent.content["arrays"])
     objects_unpacked = len(get_all_nested_objects(sent))
 
@@ -69,10 +55,10 @@ def test_a_message_travels_as_one_array_per_dtype_and_arrives_by_name(student):
     assert WIRE not in wire.content.config_records  # nothing of the packing is left for the strategy
 
 
-def test_a_reply_whose_layout_does_not_fit_is_rejected_and_the_rest_averaged(student):
+def test_a_reply_whose_layout_does_not_fit_is_rejected_and_the_rest_averaged(base_state):
     cfg = RunConfig(num_clients=2, fusion=False)
-    strategy = MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(student))
-    honest, liar = packed(reply(trained(student, 1), 101)), packed(reply(trained(student, 2), 102))
+    strategy = MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(base_state))
+    honest, liar = packed(reply(trained(base_state, 1), 101)), packed(reply(trained(base_state, 2), 102))
     layout = dict(liar.content[WIRE])
     layout["arrays.names"] = layout["arrays.names"][:-1]  # one tensor fewer than its values
     liar.content[WIRE] = ConfigRecord(layout)
@@ -86,16 +72,16 @@ def test_a_reply_whose_layout_does_not_fit_is_rejected_and_the_rest_averaged(stu
     assert np.array_equal(arrays["linear.bias"].numpy(), honest.content["arrays"]["linear.bias"].numpy())
 
 
-def test_a_reply_sent_unpacked_passes_as_it_is(student):
+def test_a_reply_sent_unpacked_passes_as_it_is(base_state):
     """Another client implementation may send plain ArrayRecords: they are screened as ever."""
-    plain = reply(trained(student, 1), 101)
+    plain = reply(trained(base_state, 1), 101)
     record = plain.content["arrays"]
     assert unpacked(plain).content["arrays"] is record and wire_error(plain) is None
 
 
-def test_the_clientapp_side_unpacks_what_it_gets_and_packs_its_reply_around_client_dp(student):
+def test_the_clientapp_side_unpacks_what_it_gets_and_packs_its_reply_around_client_dp(base_state):
     """wire_mod is the outer mod: client-side DP clips the update by name, then it is packed."""
-    msg = Message(RecordDict({"arrays": ArrayRecord(student),
+    msg = Message(RecordDict({"arrays": ArrayRecord(base_state),
                               "config": ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 0.5})}),
                   dst_node_id=101, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
@@ -103,21 +89,21 @@ def test_the_clientapp_side_unpacks_what_it_gets_and_packs_its_reply_around_clie
 
     def train(m: Message, c: Context) -> Message:
         seen.append(list(m.content["arrays"]))
-        return reply(trained(student, 1), 101)
+        return reply(trained(base_state, 1), 101)
 
     out = wire_mod(packed(msg), context, lambda m, c: client_dp(m, c, train))
-    assert seen == [list(student)]  # training got the tensors by name
+    assert seen == [list(base_state)]  # training got the tensors by name
     assert set(out.content["arrays"]) == {"<f4", "<i8"}  # and its reply leaves packed
     clipped = unpacked(out).content["arrays"].to_torch_state_dict()
-    moved = torch.sqrt(sum(((clipped[k].double() - student[k].double()) ** 2).sum() for k in student))
+    moved = torch.sqrt(sum(((clipped[k].double() - base_state[k].double()) ** 2).sum() for k in base_state))
     assert 0.4 < moved <= 0.5 + 1e-6
 
 
-def test_messages_sharing_one_content_are_each_packed_once(student):
+def test_messages_sharing_one_content_are_each_packed_once(base_state):
     """Flower's strategies send a round's messages with one shared RecordDict: packing one
     message must not pack the others' tensors a second time."""
-    content = RecordDict({"arrays": ArrayRecord(student), "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})})
     messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in (101, 102)]
     for msg in [packed(m) for m in messages]:
-        assert list(unpacked(msg).content["arrays"]) == list(student)
-    assert list(content["arrays"]) == list(student)  # the strategy's own content is untouched
+        assert list(unpacked(msg).content["arrays"]) == list(base_state)
+    assert list(content["arrays"]) == list(base_state)  # the strategy's own content is untouched
