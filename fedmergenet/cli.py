@@ -178,7 +178,7 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
     # Checked before a missing teacher is pretrained; each arm checks again as it starts.
     check_run(cfg, Path(cfg.output_dir or f"results/{cfg.central_arm}") if args.central else cfg.output_path(),
               teacher=False)
-    if any(run.fusion for run in cfg.arm_runs()):
+    if cfg.fuses:
         ensure_teacher(cfg)
     if args.central:
         from .experiments.baseline import run_central

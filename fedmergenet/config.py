@@ -226,6 +226,11 @@ class RunConfig:
         runs = [self.replace(fusion_arms="").with_fusion_arm(name) for name in self.fusion_arms.split()]
         return [run.replace(output_dir=str(self.output_path() / run.arm)) for run in runs]
 
+    @property
+    def fuses(self) -> bool:
+        """Whether this run, or one of its fusion arms, fuses: then it needs the teacher."""
+        return any(run.fusion for run in self.arm_runs())
+
     # --- Flower run config -------------------------------------------------------------
     def to_run_config(self) -> dict[str, Any]:
         return {key_of(f.name): getattr(self, f.name) for f in fields(self)}

@@ -224,3 +224,4 @@ def test_fusion_arms_stand_for_one_run_per_arm_in_its_own_folder():
                == cfg for run in runs)  # nothing else differs
     single = parse("--output-dir", "out/one")
     assert single.arm_runs() == [single]
+    assert cfg.fuses and not parse("--no-fusion").fuses and parse("--no-fusion", "--fusion-arms", "plain placebo").fuses

@@ -104,6 +104,9 @@ def test_messages_sharing_one_content_are_each_packed_once(base_state):
     message must not pack the others' tensors a second time."""
     content = RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})})
     messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in (101, 102)]
-    for msg in [packed(m) for m in messages]:
+    done: dict = {}
+    sent = [packed(m, done) for m in messages]
+    assert sent[0].content["arrays"] is sent[1].content["arrays"] and len(done) == 1  # packed once, shared
+    for msg in sent:
         assert list(unpacked(msg).content["arrays"]) == list(base_state)
     assert list(content["arrays"]) == list(base_state)  # the strategy's own content is untouched

@@ -40,9 +40,9 @@ def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
     names, shapes, dtypes = (list(layout.get(key, [])) for key in ("names", "shapes", "dtypes"))
     if not len(names) == len(shapes) == len(dtypes) or len(set(names)) != len(names):
         raise ValueError("its layout lists names, shapes and dtypes that do not pair up")
-    flat = {dtype: packed[dtype].numpy() for dtype in set(dtypes) if dtype in packed}
-    if set(flat) != set(packed) or set(flat) != set(dtypes):
+    if set(packed) != set(dtypes):
         raise ValueError(f"its packed dtypes {sorted(packed)} are not its layout's {sorted(set(dtypes))}")
+    flat = {dtype: array.numpy() for dtype, array in packed.items()}
     offsets = dict.fromkeys(flat, 0)
     tensors = {}
     for name, shape_text, dtype in zip(names, shapes, dtypes):
@@ -57,13 +57,17 @@ def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
     return ArrayRecord(tensors)
 
 
-def packed(msg: Message) -> Message:
+def packed(msg: Message, done: dict[int, tuple[ArrayRecord, dict[str, list[str]]]] | None = None) -> Message:
     """``msg`` with each of its ArrayRecords packed. Its content is replaced, not changed:
-    Flower's strategies give all of a round's messages one shared RecordDict."""
+    Flower's strategies give all of a round's messages one shared RecordDict. ``done`` keeps
+    each record packed once for all the messages that share it (by identity)."""
+    done = {} if done is None else done
     content, layouts = RecordDict(), {}
     for key, record in msg.content.items():
         if isinstance(record, ArrayRecord) and record:
-            record, layout = pack(record)
+            if id(record) not in done:
+                done[id(record)] = pack(record)
+            record, layout = done[id(record)]
             layouts |= {f"{key}.{part}": values for part, values in layout.items()}
         content[key] = record
     if layouts:
@@ -101,7 +105,9 @@ def wire_error(msg: Message) -> str | None:
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Flower's ``grid.send_and_receive`` with the tensors packed on the way out and back."""
-    return [unpacked(reply) for reply in grid.send_and_receive([packed(msg) for msg in messages], timeout=timeout)]
+    done: dict[int, tuple[ArrayRecord, dict[str, list[str]]]] = {}  # the global model, packed once
+    return [unpacked(reply) for reply in grid.send_and_receive([packed(msg, done) for msg in messages],
+                                                               timeout=timeout)]
 
 
 def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
