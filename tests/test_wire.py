@@ -14,6 +14,7 @@ from fedmergenet.flower.aggregation import build_strategy
 from fedmergenet.flower.client_app import client_dp
 from fedmergenet.flower.server_app import sampling
 from fedmergenet.flower.strategy import MergeNetFusion, spec_of
+from fedmergenet.flower import wire
 from fedmergenet.flower.wire import WIRE, packed, unpacked, wire_error, wire_mod
 
 
@@ -110,3 +111,49 @@ def test_messages_sharing_one_content_are_each_packed_once(base_state):
     for msg in sent:
         assert list(unpacked(msg).content["arrays"]) == list(base_state)
     assert list(content["arrays"]) == list(base_state)  # the strategy's own content is untouched
+
+
+class SlowGrid:
+    """A Grid whose node ``n`` replies ``n`` seconds after the push, on a fake clock."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock, self.pulls = clock, 0
+        self.sent: dict[str, tuple[Message, float]] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message_id = f"m{len(self.sent)}"
+            message.metadata.__dict__["_message_id"] = message_id  # as the SuperLink assigns it
+            self.sent[message_id] = (message, self.clock[0] + message.metadata.dst_node_id)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        for message_id in message_ids:
+            message, ready = self.sent[message_id]
+            if ready <= self.clock[0]:
+                answer = unpacked(message).content["arrays"]
+                yield packed(Message(RecordDict({"arrays": answer, "metrics": MetricRecord({"num-examples": 1})}),
+                                     reply_to=message))
+
+
+def test_replies_are_collected_soon_after_they_arrive_and_the_phase_ends_at_its_timeout(base_state, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(wire.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(wire.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    grid = SlowGrid(clock)
+    content = RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})})
+
+    replies = wire.send_and_receive(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                                           for n in (1, 2)], timeout=60.0)
+    assert len(replies) == 2
+    assert list(replies[0].content["arrays"]) == list(base_state)  # unpacked by name
+    assert 2.0 <= clock[0] <= 2.0 + wire.POLL_MAX_S  # not Flower's 3 s steps
+    assert grid.pulls <= 12  # backed off, not a busy loop
+
+    clock[0], grid.pulls = 0.0, 0
+    replies = wire.send_and_receive(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                                           for n in (1, 30)], timeout=10.0)
+    assert len(replies) == 1 and clock[0] == 10.0  # the late node's reply is left out, pulled last at the deadline

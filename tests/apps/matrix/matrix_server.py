@@ -34,11 +34,11 @@ class FaultGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         for message in messages:
             message.content["config"]["test-fault"] = self._fault
-        return self._grid.send_and_receive(messages, *args, **kwargs)
+        return self._grid.push_messages(messages)
 
 
 @app.main()
