@@ -135,7 +135,9 @@ def server_section(data: dict[str, Any]) -> list[str]:
         f"Ratio: **{f['ratio']:.2f}x**.",
         "",
         f"Checkpoint for resuming, written every round: {_mib(data['checkpoint']['bytes'])} in "
-        f"{data['checkpoint']['write_ms']:.0f} ms (the adapter and its AdamW moments are most of it).",
+        f"{data['checkpoint']['write_ms']:.0f} ms (the adapter and its AdamW moments are most of it); "
+        + (f"the round loop waits {data['checkpoint']['blocking_ms']:.0f} ms of it (the copy), the write lands "
+           "in the background while the next round trains." if "blocking_ms" in data["checkpoint"] else ""),
         "",
     ]
     return lines
@@ -166,8 +168,8 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
            "ServerApp and ClientApp processes importing torch) that a run of a few minutes cannot amortise. "
            "It is paid once per run, so for the paper preset (50 rounds of 5 epochs) it is well under 1 %; "
            "what would take it below 1.15x here is a longer run, not a change to the code. The steady rounds' "
-           "own excess includes our resumable checkpoint (section 1b), written every round, and each message's "
-           "model load in the actor."),
+           "own excess includes the copy of our resumable checkpoint (section 1b), taken every round, and each "
+           "message's model load in the actor."),
         "",
         "## 1d Bytes on the wire",
         "",

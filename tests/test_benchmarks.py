@@ -34,6 +34,7 @@ def test_the_benchmark_command_measures_and_writes_every_figure(tmp_path: Path) 
     assert [r["fusion_applied"] for r in data["runtime"]["rounds"]] == [0, 1]  # the real fusion was timed
     assert data["runtime"]["memory"]["peak_rss_bytes"]["server"] > 0
     assert data["startup"]["steps_s"]["torch"] > 0
+    assert 0 < data["checkpoint"]["blocking_ms"] and 0 < data["checkpoint"]["write_ms"]
     assert data["scale"][0]["replies"] == data["scale"][0]["per_round"]
     assert data["settings"]["tiny"] is True
 

@@ -21,7 +21,7 @@ from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics
 from ..teacher import teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .aggregation import build_strategy, describe
-from .state import ServerState, load_state, save_state
+from .state import ServerState, StateWriter, load_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
 from . import wire
 from .task import load_arrays, run_config
@@ -60,6 +60,7 @@ class FederatedRun:
         self.cfg = validate(cfg)
         self.out = cfg.output_path()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.states = StateWriter(self.out)
         seed_everything(cfg.seed)
         self.start = time.time()
         self.device = pick_device(cfg.server_device)
@@ -109,7 +110,7 @@ class FederatedRun:
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
             save_torch(self.out / "best_model.pt", self.student.state_dict())
-        save_state(self.out, self.state(server_round, arrays))
+        self.states.save(self.state(server_round, arrays))  # lands while the next round trains
         write_summary(self.out, self.summary(status="running"))
         return MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
 
@@ -201,6 +202,7 @@ class FederatedRun:
         except NodeWaitTimeout as exc:
             status, error = "stopped", str(exc)
             log(ERROR, "Stopped: %s (results so far are in %s)", exc, self.out)
+        self.states.wait()  # a summary that says completed (or stopped) has its resumable state on disk
         if self.teacher and state_checksum(self.teacher.state_dict()) != teacher_before:
             raise RuntimeError("the teacher changed during the run")  # a bug, never a user error
         write_summary(self.out, self.summary(status=status, error=error))

@@ -2,11 +2,17 @@
 
 Global weights, the adapter with its optimiser and schedule, the fused layer in
 circulation, round number, best accuracy and RNG states. Loads with ``weights_only=True``.
+
+The adapter with its AdamW moments makes the state about half a gigabyte, so the ServerApp
+writes it in the background (StateWriter) while the next round's clients train. A crash
+before a write lands leaves the previous state whole, and resume then drops the metrics
+rows after it and runs those rounds again.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,11 @@ class ServerState:
 
 
 def save_state(out: Path, state: ServerState) -> None:
-    payload = {
+    save_torch(out / STATE_FILE, _payload(state))
+
+
+def _payload(state: ServerState) -> dict[str, Any]:
+    return {
         "round": state.round,
         "arrays": state.arrays,
         "fusion": state.fusion,
@@ -42,7 +52,48 @@ def save_state(out: Path, state: ServerState) -> None:
         "numpy_rng": _numpy_state(),
         "python_rng": _python_state(),
     }
-    save_torch(out / STATE_FILE, payload)
+
+
+def _snapshot(obj: Any) -> Any:
+    """``obj`` with every tensor copied to the CPU: training goes on changing the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(value) for value in obj)
+    return obj
+
+
+class StateWriter:
+    """Saves the state of each round in a background thread, one write at a time: ``save``
+    returns once the state is copied, and waits first for the previous write to land."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: ServerState) -> None:
+        self.wait()
+        payload = _snapshot(_payload(state))
+        self._thread = threading.Thread(target=self._write, args=(payload,), name="server-state-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, payload: dict[str, Any]) -> None:
+        try:
+            save_torch(self.out / STATE_FILE, payload)
+        except BaseException as exc:  # raised in the ServerApp's thread by the next save or wait
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until the last state is on disk; re-raises what made its write fail."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_state(out: Path) -> ServerState | None:
