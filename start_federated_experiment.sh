@@ -79,7 +79,8 @@ install_requirements() (
     done < <("$VENV/bin/pip" config list 2>/dev/null)
     # pip weighs every index alike; uv's default would take a package only from the first
     # index that has it, whatever versions the others offer.
-    if ! VIRTUAL_ENV="$VENV" UV_INDEX_STRATEGY=unsafe-best-match "$VENV/bin/uv" pip install -r "$requirements"; then
+    export VIRTUAL_ENV="$VENV" UV_INDEX_STRATEGY=unsafe-best-match
+    if ! "$VENV/bin/uv" pip install -r "$requirements"; then
         "$VENV/bin/pip" install -r "$requirements"  # compiles the bytecode itself
         return
     fi
