@@ -195,7 +195,8 @@ def checkpoint_write(settings: Settings, num_classes: int = 10) -> dict[str, Any
     teacher = torch.randn(num_classes, 2048) * 0.02
     student = initial_student(RunConfig(dataset="fashion-mnist")).state_dict()
     layer = student[STUDENT_LAYER]
-    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), AdapterConfig(), total_updates=10, device="cpu", seed=0)
+    adapter = AdapterConfig(num_layers=1) if settings.tiny else AdapterConfig()
+    unit = KnowledgeFusionUnit(teacher, tuple(layer.shape), adapter, total_updates=10, device="cpu", seed=0)
     fused = unit.fuse(layer)
     unit.learn(fused, layer)  # the optimizer's moments now exist, as in every later round
     state = ServerState(round=1, arrays=student, fusion=unit.state_dict(), pending_fused=None, best_top1=0.0,

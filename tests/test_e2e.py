@@ -28,8 +28,11 @@ needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's 
 
 
 def tiny(teacher: Path, out: Path, **changes) -> RunConfig:
+    """A run small enough for CI. One adapter layer instead of the paper's two halves each fusion
+    step and the per-round checkpoint; the two-layer adapter is exercised in test_fusion.py."""
     cfg = RunConfig(dataset="fashion-mnist", device="cpu", train_limit=96, test_limit=64, rounds=3, local_epochs=1, num_clients=2, batch_size=16,
-                    fusion_batches=2, teacher_checkpoint=str(teacher), output_dir=str(out), data_dir=str(out / "data"))
+                    fusion_batches=2, adapter_layers=1, teacher_checkpoint=str(teacher), output_dir=str(out),
+                    data_dir=str(out / "data"))
     return cfg.replace(**changes)
 
 
@@ -299,7 +302,7 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
     project = _editable_source("fedmergenet") or ROOT  # the project this environment was set up from
     out = Path("results") / f".pytest-flwr-run-{uuid.uuid4().hex[:8]}"
     tiny_run = tmp_path / "tiny.toml"
-    tiny_run.write_text(f'train-limit = 96\ntest-limit = 64\nrounds = 2\nbatch-size = 16\nrandom-teacher = true\n'
+    tiny_run.write_text(f'train-limit = 96\ntest-limit = 64\nrounds = 2\nbatch-size = 16\nrandom-teacher = true\nadapter-layers = 1\n'
                         f'output-dir = "{out}"\n')
     no_teacher = tmp_path / "no_teacher.toml"
     no_teacher.write_text('rounds = 1\nteacher-checkpoint = "checkpoints/.pytest-missing.pt"\n')
