@@ -109,7 +109,8 @@ def overhead_config(settings: Settings) -> RunConfig:
     cfg = apply_preset("quick").replace(random_teacher=True, skip_federated_eval=True, seed=0,
                                         output_dir=str(settings.work_dir / "overhead"))
     if settings.tiny:
-        cfg = cfg.replace(train_limit=96, test_limit=64, rounds=2, num_clients=2, batch_size=16, adapter_layers=1)
+        cfg = cfg.replace(train_limit=96, test_limit=64, rounds=2, num_clients=2, batch_size=16,
+                          adapter_layers=settings.adapter_layers)
     return cfg
 
 
@@ -177,7 +178,7 @@ def scale_config(settings: Settings, per_round: int) -> RunConfig:
     return RunConfig(dataset="fashion-mnist", train_limit=clients * 24, test_limit=64 if settings.tiny else 200,
                      num_clients=clients, clients_per_round=per_round, rounds=2, local_epochs=1, batch_size=16,
                      lr=0.03, random_teacher=True, skip_federated_eval=True, device="cpu", seed=0,
-                     adapter_layers=1 if settings.tiny else RunConfig.adapter_layers,
+                     adapter_layers=settings.adapter_layers,
                      output_dir=str(settings.work_dir / f"scale-{per_round}"))
 
 
