@@ -60,10 +60,14 @@ def make_scheduler(
     return scheduler
 
 
-def preferred_memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last trained MobileNetV2 1.23x faster on a 2-core CPU (BENCHMARKS.md, 1a).
-    On CUDA it is unmeasured (its depthwise convolutions may not gain in fp32): default there."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+# MobileNetV2 trains faster in channels_last on a 2-core CPU (BENCHMARKS.md, 1a), and on an H100
+# its recorded step replays faster in it than in the default layout (README, Performance).
+TRAINING_MEMORY_FORMAT = torch.channels_last
+
+
+# Eager steps before the graph is recorded: they initialise the optimiser's momentum and
+# cuDNN's algorithm choice, which a recording must find in place (PyTorch's CUDA graphs notes).
+CAPTURE_WARMUP_STEPS = 3
 
 
 def train_epoch(
@@ -77,61 +81,134 @@ def train_epoch(
     progress: bool | None = None,
     memory_format: torch.memory_format | None = None,
     proximal: Proximal | None = None,
+    capture: bool | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss per example (the data's
-    cross-entropy: a ``proximal`` term shapes the gradient but is not reported)."""
-    memory_format = memory_format or preferred_memory_format(device)
+    cross-entropy: a ``proximal`` term shapes the gradient but is not reported).
+
+    On CUDA, unless ``capture`` is False or hooks run between steps, every full batch after
+    the first few replays one CUDA graph of the whole step (forward, backward, optimiser):
+    the student is small enough that a GPU otherwise waits on Python launching its kernels."""
+    memory_format = memory_format or TRAINING_MEMORY_FORMAT
+    if capture is None:
+        capture = device.type == "cuda"
+    capture = capture and device.type == "cuda" and before_step is None and after_step is None
     model.to(memory_format=memory_format)
     try:
         return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,
-                            proximal)
+                            proximal, capture)
     finally:
         # Weights leave in the ordinary layout: what travels and what is saved never depends on this.
         model.to(memory_format=torch.contiguous_format)
 
 
+class _Step:
+    """One training step on a batch: forward, loss, backward, optimiser step; returns the
+    batch's mean loss as a tensor (no host synchronisation)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, proximal: Proximal | None) -> None:
+        self.model, self.optimizer, self.proximal = model, optimizer, proximal
+        self.criterion = nn.CrossEntropyLoss()
+
+    def loss_and_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.criterion(self.model(images), labels)
+        (loss + self.proximal(self.model) if self.proximal is not None else loss).backward()
+        return loss
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_and_backward(images, labels)
+        self.optimizer.step()
+        return loss.detach()
+
+
+class _CapturedStep:
+    """The same step recorded once as a CUDA graph on static input tensors and replayed.
+
+    Recording runs nothing: the batch it is made from still needs a replay. The
+    learning rate is fixed in the recording, so a graph lives for one epoch (the schedule
+    moves between epochs)."""
+
+    def __init__(self, step: _Step, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images.clone(), labels.clone()
+        step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step.loss_and_backward(self.images, self.labels).detach()
+            step.optimizer.step()
+
+    def fits(self, labels: torch.Tensor) -> bool:
+        return labels.shape == self.labels.shape
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites self.loss
+
+
+def _on_side_stream(step: _Step, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """An eager warm-up step on a side stream, as PyTorch requires before a capture."""
+    side = torch.cuda.Stream(images.device)
+    side.wait_stream(torch.cuda.current_stream(images.device))
+    with torch.cuda.stream(side):
+        loss = step(images, labels)
+    torch.cuda.current_stream(images.device).wait_stream(side)
+    return loss
+
+
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                  desc: str, before_step: BatchHook | None, after_step: BatchHook | None, progress: bool | None,
-                 memory_format: torch.memory_format, proximal: Proximal | None) -> float:
+                 memory_format: torch.memory_format, proximal: Proximal | None, capture: bool) -> float:
     model.train()
-    criterion = nn.CrossEntropyLoss()
-    total_loss, total = 0.0, 0
+    step_fn = _Step(model, optimizer, proximal)
+    captured: _CapturedStep | None = None
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+    total, full_batch = 0, 0
     if progress is None:  # bars for people at a terminal, not for Ray actors' captured output
         progress = sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        full_batch = full_batch or len(labels)
         if before_step is not None:
             before_step(step, images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(images), labels)
-        (loss + proximal(model) if proximal is not None else loss).backward()
-        optimizer.step()
+        if capture and captured is None and step >= CAPTURE_WARMUP_STEPS and len(labels) == full_batch:
+            captured = _CapturedStep(step_fn, images, labels)
+        if captured is not None and captured.fits(labels):
+            loss = captured(images, labels)
+        elif capture and captured is None:
+            loss = _on_side_stream(step_fn, images, labels)
+        else:
+            loss = step_fn(images, labels)
         if after_step is not None:
             after_step(step, images, labels)
-        total_loss += loss.item() * labels.size(0)
+        total_loss += loss * labels.size(0)
         total += labels.size(0)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-    return total_loss / max(total, 1)
+        if progress:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
+    return float(total_loss) / max(total, 1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval", progress: bool = False) -> EvalResult:
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct1, correct5, total = 0.0, 0, 0, 0
+    # Summed on the device and read once: a GPU is never stopped to report a batch.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    total = 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
-        loss_sum += criterion(logits, labels).item()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        sums += torch.stack([criterion(logits, labels).double(), (top[:, 0] == labels).sum().double(),
+                             (top == labels[:, None]).any(dim=1).sum().double()])
         total += labels.size(0)
     if total == 0:
         return EvalResult(loss=float("nan"), top1=0.0, top5=0.0, examples=0)
+    loss_sum, correct1, correct5 = sums.tolist()
     return EvalResult(loss=loss_sum / total, top1=correct1 / total, top5=correct5 / total, examples=total)
 
 

@@ -171,3 +171,54 @@ def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path):
     loss, examples = local_train(cfg, model, 0, 2, server_round=1, device=cuda)
     assert examples > 0 and torch.isfinite(torch.tensor(loss))
     assert next(model.parameters()).is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_recorded_cuda_step_trains_as_the_eager_loop(monkeypatch):
+    """On a GPU (skipped elsewhere): replaying the recorded training step gives the eager loop's
+    losses and weights from the same start and batches, FedProx's term and a last partial batch
+    included, over two epochs (a new recording each: the learning rate moves between them)."""
+    import fedmergenet.training as training
+    from fedmergenet.data import DeviceBatches, ImageDataset
+    from fedmergenet.training import Proximal
+
+    recordings = []
+
+    class CountedStep(training._CapturedStep):
+        def __init__(self, *args):
+            super().__init__(*args)
+            recordings.append(self)
+
+    monkeypatch.setattr(training, "_CapturedStep", CountedStep)
+    cuda = torch.device("cuda")
+    images, labels = tiny_batch(n=200).tensors
+    ds = ImageDataset(name="toy", images=(images * 40 + 128).clamp(0, 255).to(torch.uint8), labels=labels,
+                      num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+
+    def run(capture: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        model.to(cuda)
+        optimizer = make_optimizer(model, lr=0.05)
+        scheduler = make_scheduler(optimizer, milestones=[1], gamma=0.2)
+        proximal = Proximal.at(model, mu=0.01)
+        batches = DeviceBatches(ds, None, batch_size=32, train=True, seed=1, device=cuda)  # 6 full, then 8
+        losses = []
+        for _ in range(2):
+            losses.append(train_epoch(model, batches, optimizer, cuda, proximal=proximal, capture=capture))
+            scheduler.step()
+        return losses, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    eager_losses, eager = run(capture=False)
+    assert recordings == []
+    captured_losses, captured = run(capture=True)
+    assert len(recordings) == 2
+    assert captured_losses == pytest.approx(eager_losses, rel=1e-3)
+    for name, tensor in eager.items():
+        if tensor.is_floating_point():
+            gap = (captured[name] - tensor).norm() / tensor.norm().clamp_min(1e-6)
+            assert gap < 1e-3, name
+        else:
+            assert torch.equal(captured[name], tensor), name

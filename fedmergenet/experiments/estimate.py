@@ -11,7 +11,7 @@ import torch
 from ..config import RunConfig
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, build_student, build_teacher
-from ..training import make_optimizer, pick_device, preferred_memory_format
+from ..training import make_optimizer, pick_device, TRAINING_MEMORY_FORMAT
 
 # Fixed costs of a simulation run on the 2-core CPU machine these were measured on (quick
 # suite, README): before its first round and after its last (SuperLink, `flwr run`, Ray, the
@@ -41,7 +41,7 @@ class Estimate:
 
 def images_per_second(model: torch.nn.Module, batch_size: int, device: torch.device, steps: int = 2) -> float:
     """Training throughput of ``model`` on random 32x32 batches (one untimed warm-up step)."""
-    memory_format = preferred_memory_format(device)
+    memory_format = TRAINING_MEMORY_FORMAT
     model = model.to(device, memory_format=memory_format).train()
     optimizer = make_optimizer(model, lr=0.0)
     images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)

@@ -43,9 +43,11 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, torch.d
 
 def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
                 server_round: int, device: torch.device,
-                memory_format: torch.memory_format | None = None, proximal_mu: float = 0.0) -> tuple[float, int]:
+                memory_format: torch.memory_format | None = None, proximal_mu: float = 0.0,
+                capture: bool | None = None) -> tuple[float, int]:
     """``local_epochs`` epochs continuing the central LR schedule at this round's global epoch;
-    with ``proximal_mu`` > 0 (FedProx) pulled toward the global model the round started from."""
+    with ``proximal_mu`` > 0 (FedProx) pulled toward the global model the round started from.
+    ``memory_format`` and ``capture`` override train_epoch's fast path (the benchmarks' references)."""
     data = client_data(cfg, partition_id, num_partitions, round_seed=server_round, device=device)
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.milestones(), cfg.lr_gamma, start_epoch=global_epoch(cfg, server_round))
@@ -54,7 +56,7 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
         loss = train_epoch(model, data.train, optimizer, device, desc=desc, memory_format=memory_format,
-                           proximal=proximal)
+                           proximal=proximal, capture=capture)
         scheduler.step()
     return loss, data.num_train
 
