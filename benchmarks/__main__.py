@@ -1,4 +1,7 @@
-"""python -m benchmarks [--tiny] [--out BENCHMARKS.md]: measure, write benchmarks.json, render BENCHMARKS.md."""
+"""python -m benchmarks [--tiny] [--cuda] [--out BENCHMARKS.md]: measure, write benchmarks.json, render BENCHMARKS.md.
+
+On a machine with CUDA the GPU figures (section 4) are measured too; ``--cuda`` measures only
+those and keeps the other figures of the existing raw data (a GPU machine without Ray)."""
 
 from __future__ import annotations
 
@@ -52,14 +55,20 @@ def measure(settings) -> dict[str, Any]:
         ("runtime", lambda: runs.server_and_runtime(settings)),
         ("scale", lambda: runs.scale(settings)),
     ]
-    if torch.cuda.is_available():  # 4: the same figures on the GPU
-        cuda = torch.device("cuda")
-        steps += [("cuda_throughput", lambda: m.client_throughput(settings, cuda)),
-                  ("cuda_fusion", lambda: m.fusion_step(settings, device="cuda"))]
     data: dict[str, Any] = {}
     for name, step in tqdm(steps, desc="benchmarks", unit="figure"):
         data[name] = step()
+    if torch.cuda.is_available():
+        data["cuda"] = measure_cuda(settings)
     return data
+
+
+def measure_cuda(settings) -> dict[str, Any]:
+    """Section 4, with the machine it ran on (it may differ from the CPU figures')."""
+    from . import cuda
+
+    return cuda.measure(settings) | {"date": datetime.date.today().isoformat(), "machine": machine(),
+                                     "repeats": settings.repeats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="raw data (default: benchmarks/benchmarks.json)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="smallest settings: proves every figure runs, measures nothing")
+    parser.add_argument("--cuda", action="store_true", help="only the GPU figures, into the existing raw data")
     args = parser.parse_args(argv)
     json_path = args.json or (args.out.parent / "benchmarks" / "benchmarks.json" if not args.tiny
                               else args.out.with_suffix(".json"))
+    if args.cuda:
+        return cuda_only(args, json_path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
         settings = Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats,
@@ -86,12 +98,40 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - start,
         "json_path": os.path.relpath(json_path, args.out.parent),
     }
+    return write(data, json_path, args.out)
+
+
+def cuda_only(args: argparse.Namespace, json_path: Path) -> int:
+    import torch
+
+    from .measure import Settings
+
+    if not torch.cuda.is_available():
+        print("error: --cuda needs a CUDA GPU, and torch sees none here", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: --cuda adds to the raw data of a full run, and {json_path} cannot be read ({err})",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
+        settings = Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats,
+                            threads=os.cpu_count() or 1, work_dir=Path(work))
+        data["cuda"] = measure_cuda(settings)
+    data["cuda"] |= {"command": shlex.join(["python", "-m", "benchmarks", "--cuda", "--repeats", str(args.repeats)]),
+                     "seconds": time.perf_counter() - start}
+    return write(data, json_path, args.out)
+
+
+def write(data: dict[str, Any], json_path: Path, out: Path) -> int:
     from .write import render
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data, indent=1) + "\n")
-    args.out.write_text(render(data) + "\n")
-    print(f"wrote {args.out} and {json_path}")
+    out.write_text(render(data) + "\n")
+    print(f"wrote {out} and {json_path}")
     return 0
 
 

@@ -74,13 +74,15 @@ def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False
     return seen
 
 
-def client_throughput(settings: Settings, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+def client_throughput(settings: Settings, device: torch.device = torch.device("cpu"),
+                      cfg: RunConfig | None = None) -> dict[str, Any]:
     """1a: the ClientApp's local training (our loop, loader, schedule) against the plain loop,
     on the same device, threads and batches (same partition and round seed). Ours runs with
-    its fast path (channels_last on CPU) and without it (the layout the plain loop uses)."""
-    cfg = throughput_config(settings)
+    its fast path (channels_last; on CUDA also the recorded step) and without it (the layout
+    the plain loop uses, eager); on CUDA also in channels_last but eager."""
+    cfg = cfg or throughput_config(settings)
     start_state = initial_student(cfg).state_dict()
-    images = client_data(cfg, 0, 1).num_train
+    images = client_data(cfg, 0, cfg.num_clients).num_train
 
     def fresh(channels_last: bool = False) -> nn.Module:
         model = initial_student(cfg)
@@ -88,21 +90,24 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
         model.to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    def ours(round_seed: int, memory_format: torch.memory_format | None = None) -> float:
+    def ours(round_seed: int, memory_format: torch.memory_format | None = None, capture: bool | None = None) -> float:
         model = fresh()
-        return timed(lambda: local_train(cfg, model, 0, 1, round_seed, device, memory_format=memory_format))
+        return timed(lambda: local_train(cfg, model, 0, cfg.num_clients, round_seed, device,
+                                         memory_format=memory_format, capture=capture))
 
     def plain(round_seed: int, channels_last: bool = False) -> float:
-        loader = client_data(cfg, 0, 1, round_seed=round_seed).train
+        loader = client_data(cfg, 0, cfg.num_clients, round_seed=round_seed, device=device).train
         model = fresh(channels_last)
         return timed(lambda: plain_epoch(model, loader, cfg.lr, channels_last, device))
 
     variants = {
         "ours": lambda seed: ours(seed),
-        "ours_without_fast_path": lambda seed: ours(seed, torch.contiguous_format),
+        "ours_without_fast_path": lambda seed: ours(seed, torch.contiguous_format, capture=False),
         "plain": lambda seed: plain(seed),
         "plain_channels_last": lambda seed: plain(seed, channels_last=True),
     }
+    if device.type == "cuda":
+        variants["ours_eager"] = lambda seed: ours(seed, capture=False)
     for measure_once in variants.values():
         measure_once(1)  # warm-up: first-call allocations and kernel selection
     seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -137,11 +142,9 @@ def fusion_step(settings: Settings, num_classes: int = 10, device: str = "cpu") 
     params = [p for p in adapter.parameters() if p.requires_grad]
 
     def ours() -> tuple[float, float]:
-        start = time.perf_counter()
-        fused = unit.fuse(layer)
-        middle = time.perf_counter()
-        unit.learn(fused, observed)
-        return middle - start, time.perf_counter() - middle
+        holder: dict[str, torch.Tensor | None] = {}
+        fuse_s = timed(lambda: holder.setdefault("fused", unit.fuse(layer)))
+        return fuse_s, timed(lambda: unit.learn(holder["fused"], observed))
 
     def bare() -> tuple[float, float]:
         holder: dict[str, torch.Tensor] = {}

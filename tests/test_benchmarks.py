@@ -50,3 +50,38 @@ def test_each_target_is_marked_met_or_missed_from_its_number() -> None:
     marks = [row.rsplit("|", 2)[-2].strip() for row in rows[:5]]
     assert marks == ["**met**", "**met**", "**missed**", "**missed**", "**met**"]
     assert "pending" in rows[5]  # CUDA, until a GPU measures it
+
+
+def cuda_figures(ours_128: float, fusion_ratio: float) -> dict:
+    def epoch(ours: float) -> dict:
+        ips = {"plain": 1000.0, "plain_channels_last": 1200.0, "ours_without_fast_path": 990.0,
+               "ours_eager": 1190.0, "ours": ours}
+        return {"images_per_epoch": 18000, "images_per_s": ips}
+
+    return {"date": "2026-11-26", "repeats": 3, "command": "python -m benchmarks --cuda --repeats 3", "seconds": 90.0,
+            "machine": {"gpu": "NVIDIA H100 80GB HBM3", "cores": 16, "python": "3.12", "torch": "2.11", "flwr": "1.42.0"},
+            "training": {"32": epoch(5000.0), "128": epoch(ours_128)},
+            "evaluation": {"256": {"ours_images_per_s": 9e4, "plain_images_per_s": 1e5, "ratio": 0.9}},
+            "fusion": {"ratio": fusion_ratio, "bare_forward_ms": 3.0, "bare_backward_ms": 6.0, "fuse_ms": 3.5,
+                       "learn_ms": 7.0}}
+
+
+def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() -> None:
+    from benchmarks.write import cuda_section, cuda_summary_rows
+
+    met = cuda_summary_rows({"cuda": cuda_figures(ours_128=16_000.0, fusion_ratio=1.2)})
+    missed = cuda_summary_rows({"cuda": cuda_figures(ours_128=9_000.0, fusion_ratio=1.4)})
+    assert [row.rsplit("|", 2)[-2].strip() for row in met] == ["**met**", "**met**"]
+    assert [row.rsplit("|", 2)[-2].strip() for row in missed] == ["**missed**", "**missed**"]
+    text = "\n".join(cuda_section({"cuda": cuda_figures(16_000.0, 1.2)}))
+    assert "NVIDIA H100 80GB HBM3" in text and "torch 2.11" in text
+    assert "| **ours** (channels_last, recorded step) | 16,000 | 16.00 |" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_figures_without_a_gpu_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--cuda", "--out", str(tmp_path / "B.md")], cwd=ROOT,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --cuda needs a CUDA GPU, and torch sees none here"]
+    assert not (tmp_path / "B.md").exists()

@@ -1,0 +1,66 @@
+"""4: the GPU figures, on a machine with CUDA (``python -m benchmarks --cuda``): a client's
+local epoch on full Fashion-MNIST at batch 32 and 128, evaluation, and the fusion step, each
+against its plain reference on the same card."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmergenet.config import RunConfig
+from fedmergenet.data.splits import test_loader
+from fedmergenet.models import initial_student
+from fedmergenet.training import evaluate
+
+from .measure import Settings, client_throughput, fusion_step, median, timed
+
+CUDA = torch.device("cuda")
+
+
+def training_config(settings: Settings, batch_size: int) -> RunConfig:
+    """One client's partition of full Fashion-MNIST: 3 clients (18k images) at batch 128;
+    9 (6k) at batch 32, where the eager references take several seconds an epoch."""
+    clients = 9 if batch_size < 128 else 3
+    return RunConfig(dataset="fashion-mnist", train_limit=2048 if settings.tiny else 0, test_limit=256,
+                     num_clients=clients, batch_size=batch_size, lr=0.03, local_epochs=1, device="cuda")
+
+
+def training(settings: Settings) -> dict[str, Any]:
+    return {str(batch): client_throughput(settings, CUDA, training_config(settings, batch)) for batch in (32, 128)}
+
+
+@torch.no_grad()
+def plain_eval(model: nn.Module, loader) -> int:
+    model.eval()
+    seen = 0
+    for images, labels in loader:
+        model(images).argmax(1).eq(labels).sum()
+        seen += len(labels)
+    return seen
+
+
+def evaluation(settings: Settings) -> dict[str, Any]:
+    """The test set through ``evaluate`` (loss, top-1, top-5) against bare forwards of the same
+    batches, at the default evaluation batch and a larger one."""
+    figures: dict[str, Any] = {}
+    for batch in (RunConfig.eval_batch_size, 1024):
+        cfg = RunConfig(dataset="fashion-mnist", test_limit=2048 if settings.tiny else 0, eval_batch_size=batch)
+        model = initial_student(cfg).to(CUDA)
+        loader = test_loader(cfg, CUDA)
+        evaluate(model, loader, CUDA)  # warm-up, as the next line
+        images = plain_eval(model, loader)
+        ours = median([timed(lambda: evaluate(model, loader, CUDA)) for _ in range(settings.repeats)])
+        plain = median([timed(lambda: plain_eval(model, loader)) for _ in range(settings.repeats)])
+        figures[str(batch)] = {"images": images, "ours_images_per_s": images / ours,
+                               "plain_images_per_s": images / plain, "ratio": plain / ours}
+    return figures
+
+
+def measure(settings: Settings) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    steps = {"training": lambda: training(settings), "evaluation": lambda: evaluation(settings),
+             "fusion": lambda: fusion_step(settings, device="cuda")}
+    return {name: step() for name, step in tqdm(steps.items(), desc="CUDA benchmarks", unit="figure")}
