@@ -151,3 +151,23 @@ def test_the_set_up_prepares_plain_flwr_run(tmp_path):
     assert config["default"] == "local" and config["local"]["address"] == ":local:"
     assert config["local"]["options"] == {"num-supernodes": 3, "backend": {
         "client-resources": {"num-cpus": 1, "num-gpus": 0.3333}, "init-args": {"num-cpus": 3, "num-gpus": 1}}}
+
+
+def test_runs_started_side_by_side_keep_each_others_flower_connections(tmp_path):
+    """Each run adds its SuperLink connection to $FLWR_HOME/config.toml and removes it at the end;
+    runs started at once (several terminals, the tests' workers) lose none of the others'."""
+    import tomllib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmergenet.launcher.flwr_cli import remove_connection, write_connection
+
+    home = tmp_path / "flwr-home"
+    names = [f"run-{i}" for i in range(40)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda name: write_connection(home, name, f"127.0.0.1:{9000 + int(name[4:])}", tls=None), names))
+    config = tomllib.loads((home / "config.toml").read_text())
+    assert sorted(config["superlink"]) == sorted(names)
+    assert config["superlink"]["run-7"] == {"address": "127.0.0.1:9007", "insecure": True}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda name: remove_connection(home, name), names[::2]))
+    assert sorted(tomllib.loads((home / "config.toml").read_text())["superlink"]) == sorted(names[1::2])

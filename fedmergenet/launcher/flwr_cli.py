@@ -9,6 +9,8 @@ even when the run failed, so the status is read back with ``flwr ls``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -16,13 +18,14 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from ..atomic import write_text
 from ..config import PROJECT_ROOT
 from .processes import RuntimeFailure, _die_with_parent, stop_process, tee
 
@@ -66,21 +69,30 @@ def _read_flower_config(flwr_home: Path) -> dict[str, Any]:
     return tomllib.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_flower_config(flwr_home: Path, config: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _flower_config(flwr_home: Path) -> Iterator[dict[str, Any]]:
+    """``$FLWR_HOME/config.toml`` to change in place: runs started side by side each add and
+    remove their own connection, so every change holds a lock from read to write, and the
+    write replaces the file whole (the CLI of another run may be reading it)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+    with open(flwr_home / ".config.toml.lock", "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = _read_flower_config(flwr_home)
+        before = tomli_w.dumps(config)
+        yield config
+        if tomli_w.dumps(config) != before:
+            write_text(flwr_home / "config.toml", tomli_w.dumps(config))
 
 
 def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None) -> None:
     """Add or replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the others."""
-    config = _read_flower_config(flwr_home)
     entry: dict[str, Any] = {"address": address}
     if tls is None:
         entry["insecure"] = True
     else:
         entry["root-certificates"] = str(Path(tls.ca_cert).resolve())
-    config.setdefault("superlink", {})[name] = entry
-    _write_flower_config(flwr_home, config)
+    with _flower_config(flwr_home) as config:
+        config.setdefault("superlink", {})[name] = entry
 
 
 def configure_project(venv: Path, federation: dict[str, Any], flwr_home: Path = FLWR_HOME) -> None:
@@ -92,12 +104,11 @@ def configure_project(venv: Path, federation: dict[str, Any], flwr_home: Path = 
         exports = " ".join(f"{k}={v}" for k, v in {"FLWR_HOME": f'"{flwr_home}"', **FLOWER_SETTINGS}.items())
         with open(activate, "a", encoding="utf-8") as script:
             script.write(f"\n{ACTIVATE_MARKER}\nexport {exports}\n")
-    config = _read_flower_config(flwr_home)
-    superlink = config.setdefault("superlink", {})
-    superlink.setdefault("default", "local")
-    if "options" not in superlink.get("local", {}):
-        superlink["local"] = {"address": ":local:", "options": simulation_options(federation)}
-        _write_flower_config(flwr_home, config)
+    with _flower_config(flwr_home) as config:
+        superlink = config.setdefault("superlink", {})
+        superlink.setdefault("default", "local")
+        if "options" not in superlink.get("local", {}):
+            superlink["local"] = {"address": ":local:", "options": simulation_options(federation)}
 
 
 def simulation_options(federation: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +126,8 @@ def simulation_options(federation: dict[str, Any]) -> dict[str, Any]:
 
 def remove_connection(flwr_home: Path, name: str) -> None:
     """Forget a connection made for one run, so config.toml does not grow with every run."""
-    config = _read_flower_config(flwr_home)
-    if config.get("superlink", {}).pop(name, None) is not None:
-        _write_flower_config(flwr_home, config)
+    with _flower_config(flwr_home) as config:
+        config.get("superlink", {}).pop(name, None)
 
 
 def superlink_command(host: str, port: int, simulation: bool, tls: Tls | None, log_file: Path,
