@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,23 @@ def tiny(teacher: Path, out: Path, **changes) -> RunConfig:
     return cfg.replace(**changes)
 
 
-def flower_processes() -> set[int]:
-    """PIDs of Flower and Ray processes on this machine."""
+MARK = "FEDMERGENET_TEST_RUN"
+
+
+def flower_processes(mark: str) -> set[int]:
+    """PIDs of Flower and Ray processes on this machine started with ``MARK=mark`` in their
+    environment: what one test started (children inherit it), while other tests run beside it."""
     out = subprocess.run(["pgrep", "-f", "flower-superlink|flower-supernode|flwr-serverapp|flwr-clientapp|raylet|gcs_server"],
                          capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+    marked = set()
+    for pid in map(int, out.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone already, or not ours to read
+        if f"{MARK}={mark}".encode() in environ:
+            marked.add(pid)
+    return marked
 
 
 def test_baseline_trains_on_exactly_the_clients_training_data(tmp_path: Path) -> None:
@@ -62,8 +75,10 @@ def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must
 
 @pytest.mark.slow
 @needs_fashion
-def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path) -> None:
-    before = flower_processes()
+def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)  # every process of the run inherits it
     teacher_bytes = teacher_file.read_bytes()
     cfg = tiny(teacher_file, tmp_path, rounds=2, fusion_start_round=1)
     report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False)
@@ -103,7 +118,7 @@ def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, 
     assert (report.parent / "gate_vs_epochs.png").is_file()
     assert "beyond its placebo" in report.read_text()
     time.sleep(1)
-    assert flower_processes() - before == set(), "Flower or Ray processes were left behind"
+    assert flower_processes(mark) == set(), "Flower or Ray processes were left behind"
 
 
 @pytest.mark.slow
@@ -285,20 +300,21 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
     run with one line that names the command making it."""
     import os
     import signal
-    import uuid
 
     from fedmergenet.flower.task import _editable_source
     from fedmergenet.launcher.federated import federation_config
     from fedmergenet.launcher.flwr_cli import FLOWER_SETTINGS, configure_project
     from fedmergenet.launcher.processes import free_port
 
+    mark = uuid.uuid4().hex
     home = tmp_path / "flwr-home"
     configure_project(tmp_path / "no-venv", federation_config(RunConfig(), 1, gpus=0), flwr_home=home)
     http_port, control_port = free_port(), free_port()
     env = os.environ | FLOWER_SETTINGS | {
         "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         # A local SuperLink of its own, beside any the user has running.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        MARK: mark}
     project = _editable_source("fedmergenet") or ROOT  # the project this environment was set up from
     out = Path("results") / f".pytest-flwr-run-{uuid.uuid4().hex[:8]}"
     tiny_run = tmp_path / "tiny.toml"
@@ -312,7 +328,6 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
         return result.stdout + result.stderr
 
-    before = flower_processes()
     try:
         log = flwr_run(tiny_run)
         summary = read_summary(project / out)
@@ -336,4 +351,4 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
         for pid in map(int, found):
             os.killpg(pid, signal.SIGTERM)
     time.sleep(2)
-    assert flower_processes() - before == set(), "Flower or Ray processes were left behind"
+    assert flower_processes(mark) == set(), "Flower or Ray processes were left behind"

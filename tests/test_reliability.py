@@ -56,6 +56,10 @@ def experiments() -> list[dict]:
     return matrix + faults
 
 
+# With test workers side by side (pytest-xdist), the tests reading the one run below share a worker.
+shares_the_faults_run = pytest.mark.xdist_group("faults_run")
+
+
 @pytest.fixture(scope="module")
 def faults_run(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> tuple[Path, RunConfig]:
     """One Flower simulation (5 nodes) running every experiment one after another; the tests
@@ -78,6 +82,7 @@ def faults_run(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> 
     return tmp / "out", cfg
 
 
+@shares_the_faults_run
 def test_malformed_updates_are_rejected_and_the_rest_averaged(faults_run: tuple[Path, RunConfig]) -> None:
     out = faults_run[0] / "malformed"
     rows = [r for r in read_metrics(out) if r["round"] > 0]
@@ -91,6 +96,7 @@ def test_malformed_updates_are_rejected_and_the_rest_averaged(faults_run: tuple[
     assert read_summary(out)["status"] == "completed"
 
 
+@shares_the_faults_run
 def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(faults_run: tuple[Path, RunConfig]) -> None:
     """Flower ends a phase at its timeout with zero replies and no error; we say so in the round."""
     out = faults_run[0] / "timeout"
@@ -102,6 +108,7 @@ def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(faults_run: tup
     assert read_summary(out)["rounds_without_update"] == 1
 
 
+@shares_the_faults_run
 def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(faults_run: tuple[Path, RunConfig]) -> None:
     """Fusion around each of Flower's strategies in the real runtime: both rounds aggregate and fuse.
     (Without fusion each strategy is Flower's own exactly: test_strategy.py checks that for every
@@ -135,6 +142,7 @@ def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(faults_run: tup
         assert float(sum((final[k].double() - start[k].double()).pow(2).sum() for k in clipped).sqrt()) <= 2.1e-3
 
 
+@shares_the_faults_run
 def test_robust_strategies_keep_a_huge_update_out_while_fedavg_takes_it_in(faults_run: tuple[Path, RunConfig]) -> None:
     """Node 0 of five sends its update scaled 1000x (finite, well-formed). FedAvg's model
     moves with it; Krum (tolerating one) and FedMedian stay where honest training took them."""
