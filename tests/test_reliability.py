@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmergenet.config import STRATEGIES, RunConfig
+from fedmergenet.config import RunConfig
 from fedmergenet.launcher.federated import run_simulation
 from fedmergenet.models import STUDENT_LAYER, initial_student
 from fedmergenet.launcher.processes import free_port
@@ -36,17 +36,22 @@ def tiny_flags(teacher: Path, out: Path, rounds: int) -> list[str]:
 
 DP_MODES = ("server-fixed", "client-fixed")  # Flower's wrappers, and its clipping mod in our ClientApp
 HUGE = {"fedavg": {}, "fedmedian": {}, "krum": {"byzantine": 1}}  # Krum tolerating one
+# Through the real runtime with fusion: FedAvg (with the evaluate phase), FedProx (its mu reaches
+# the clients), FedAvgM (server state across rounds) and Bulyan (robust, most constraints).
+# test_strategy.py takes every strategy through fusion without the runtime, whose messages are
+# the same for all of them.
+RUNTIME_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "bulyan")
 
 
 def experiments() -> list[dict]:
-    """Every experiment of the one Flower run below: fusion around each strategy and under DP
+    """Every experiment of the one Flower run below: fusion around four strategies and under DP
     (3 of 5 clients a round), malformed updates, a huge update, and a phase that times out."""
     # The train phase only, except for FedAvg and under DP: every one of Flower's strategies here
     # evaluates with FedAvg's own configure_evaluate / aggregate_evaluate (none overrides them;
     # the DP wrappers do), and each phase is a round trip through Ray for 3 clients.
     train_only = {"skip_federated_eval": True, "recalibrate_bn": False}
     matrix = [{"name": f"{name}-fusion", "strategy": name, **({} if name == "fedavg" else train_only)}
-              for name in STRATEGIES]
+              for name in RUNTIME_STRATEGIES]
     matrix += [{"name": f"fedavg-fusion-{mode}", "dp": mode} for mode in DP_MODES]
     faults = [{"name": "malformed", "fault": "malformed", "clients_per_round": 0, "rounds": 3}]
     faults += [{"name": f"{name}-huge", "strategy": name, **options, "fusion": False, "fault": "huge",
@@ -109,12 +114,13 @@ def test_a_round_whose_phase_timed_out_with_no_replies_is_marked(faults_run: tup
 
 
 @shares_the_faults_run
-def test_every_strategy_runs_two_rounds_with_fusion_and_under_dp(faults_run: tuple[Path, RunConfig]) -> None:
-    """Fusion around each of Flower's strategies in the real runtime: both rounds aggregate and fuse.
-    (Without fusion each strategy is Flower's own exactly: test_strategy.py checks that for every
-    one, and the plain path runs end to end in the suite test and the robustness test below.)"""
+def test_strategies_run_two_rounds_with_fusion_and_under_dp(faults_run: tuple[Path, RunConfig]) -> None:
+    """Fusion around Flower's strategies in the real runtime: both rounds aggregate and fuse.
+    (Without fusion each strategy is Flower's own exactly, and fusion rewrites only its layer of
+    each one's aggregate: test_strategy.py checks both for every strategy; the plain path runs end
+    to end in the suite test and the robustness test below.)"""
     root, cfg = faults_run
-    for name in STRATEGIES:
+    for name in RUNTIME_STRATEGIES:
         out = root / f"{name}-fusion"
         summary = read_summary(out)
         rows = [r for r in read_metrics(out) if r["round"] > 0]
@@ -209,7 +215,7 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
     """The write-up's separate terminals, secured and faulty, in one deployment run: TLS and
     SuperNode authentication with 3 registered clients and a minimum of 2. A plaintext client
     and a client with an unregistered key are refused; one registered client is killed (-9)
-    during round 2; the run finishes, fusing in round 2, and the survivors exit by themselves."""
+    during the round; the run finishes, fusing the survivors' updates, and they exit by themselves."""
     certs, keys, stranger = tmp_path / "certs", tmp_path / "nodes", tmp_path / "stranger"
     for command in (["make_certificates.sh", "127.0.0.1", str(certs)], ["make_node_keys.sh", "3", str(keys)],
                     ["make_node_keys.sh", "1", str(stranger)]):
@@ -222,7 +228,7 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
                      # No evaluate phase: each message starts a fresh ClientApp process, and the
                      # faults under test all happen in the train phase.
                      "--skip-federated-eval", "--no-recalibrate-bn", "--node-wait-timeout", "120",
-                     *tiny_flags(teacher_file, out, rounds=2),
+                     "--fusion-start-round", "1", *tiny_flags(teacher_file, out, rounds=1),
                      output=True)
     client = ["federated_mergenet_client.py", "--num_clients", "3", "--server_address", f"127.0.0.1:{port}",
               "--max-wait-time", "10", "--threads", "1"]
@@ -240,7 +246,7 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
         nodes = [_script(*client, "--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}"))
                  for i in range(3)]
         deadline = time.monotonic() + 300
-        while rows_written(out) < 2:  # round 1 is done: round 2's training is being sent out
+        while rows_written(out) < 1:  # round 0 (the server's evaluation) is done: round 1's training is sent out
             assert server.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         time.sleep(4)
@@ -249,11 +255,10 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
         output, _ = server.communicate(timeout=500)
         assert server.returncode == 0, output[-3000:]
         rows = read_metrics(out)
-        assert [r["round"] for r in rows] == [0, 1, 2]
-        assert rows[1]["replies"] == 3  # the three registered TLS clients, never the other two
-        assert rows[2]["sampled"] == 3 and rows[2]["replies"] == 2
-        assert rows[2]["failures"] == 1  # the lost reply is counted
-        assert rows[2]["round_status"] == "ok" and rows[2]["fusion_applied"] == 1  # the others' updates, fused
+        assert [r["round"] for r in rows] == [0, 1]
+        assert rows[1]["sampled"] == 3  # the three registered TLS clients, never the other two
+        assert rows[1]["replies"] == 2 and rows[1]["failures"] == 1  # the lost reply is counted
+        assert rows[1]["round_status"] == "ok" and rows[1]["fusion_applied"] == 1  # the others' updates, fused
         assert read_summary(out)["status"] == "completed"
         assert plaintext.wait(timeout=90) != 0  # it could not connect and gave up
         assert unknown.wait(timeout=90) != 0  # TLS alone does not let a node in

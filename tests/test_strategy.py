@@ -328,6 +328,23 @@ def test_without_fusion_every_strategy_aggregates_exactly_as_flowers_own(name, s
             assert ours[key].dtype == flowers[key].dtype or "num_batches_tracked" in key
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_fusion_around_every_strategy_rewrites_only_its_layer_of_the_aggregate(name, small_state):
+    """Fusion from round 2 over each of Flower's strategies: round 1 is the strategy's own
+    aggregate, round 2 differs from it in the fused layer alone, which stays finite. (The fault
+    run in test_reliability.py takes a few of them through the real runtime.)"""
+    cfg = RunConfig(strategy=name, num_clients=3)
+    target = "0.weight"
+    bare = two_rounds(build_strategy(cfg, sampling(cfg)), small_state)
+    fused = two_rounds(MergeNetFusion(build_strategy(cfg, sampling(cfg)), spec=spec_of(small_state),
+                                      fusion_unit=fusion_unit(small_state[target].shape, teacher_cols=64),
+                                      fusion_start_round=2,
+                                      target=target), small_state)
+    assert [k for k in fused[0] if not np.array_equal(fused[0][k], bare[0][k])] == []
+    assert [k for k in fused[1] if not np.array_equal(fused[1][k], bare[1][k])] == [target]
+    assert np.isfinite(fused[1][target]).all()
+
+
 def test_fusion_rewrites_only_its_layer_of_the_strategys_aggregate(base_state):
     """Over FedMedian: the fused aggregate is the median with one layer replaced."""
     cfg = RunConfig(strategy="fedmedian", num_clients=3)
