@@ -32,7 +32,7 @@ Subcommands (extra ARGS are passed on to the Python entry point):
   bench [ARGS]        benchmarks, writes BENCHMARKS.md: python -m benchmarks [--tiny]
   setup               create (or reuse) the virtual environment and exit; then
                       'source .venv/bin/activate && flwr run .' runs the quick experiment
-  test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest, 2 workers)
+  test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest -q)
   help, -h, --help    show this text
 
 Without a subcommand an interactive menu is shown (stdin must be a terminal).
@@ -207,9 +207,7 @@ case "$cmd" in
         ;;
     test)
         ensure_venv
-        # Two workers side by side (pytest-xdist): the end-to-end runs spend much of their time
-        # waiting on process starts and Flower's polling. -n 0 runs everything in one process.
-        exec "$PY" -m pytest -q -n 2 --dist loadgroup "$@"
+        exec "$PY" -m pytest -q "$@"
         ;;
     *) usage_error "unknown subcommand '$cmd'" ;;
 esac
