@@ -71,9 +71,15 @@ def measure_cuda(settings) -> dict[str, Any]:
                                      "repeats": settings.repeats}
 
 
-def main(argv: list[str] | None = None) -> int:
+def settings_from(args: argparse.Namespace, work_dir: Path):
+    """How hard to measure, from the command line: tiny settings time each figure once."""
     from .measure import Settings
 
+    return Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats, threads=os.cpu_count() or 1,
+                    work_dir=work_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="raw data (default: benchmarks/benchmarks.json)")
@@ -87,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return cuda_only(args, json_path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
-        settings = Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats,
-                            threads=os.cpu_count() or 1, work_dir=Path(work))
+        settings = settings_from(args, Path(work))
         data = measure(settings)
     data |= {
         "date": datetime.date.today().isoformat(),
@@ -104,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 def cuda_only(args: argparse.Namespace, json_path: Path) -> int:
     import torch
 
-    from .measure import Settings
-
     if not torch.cuda.is_available():
         print("error: --cuda needs a CUDA GPU, and torch sees none here", file=sys.stderr)
         return 2
@@ -117,9 +120,7 @@ def cuda_only(args: argparse.Namespace, json_path: Path) -> int:
         return 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
-        settings = Settings(tiny=args.tiny, repeats=1 if args.tiny else args.repeats,
-                            threads=os.cpu_count() or 1, work_dir=Path(work))
-        data["cuda"] = measure_cuda(settings)
+        data["cuda"] = measure_cuda(settings_from(args, Path(work)))
     data["cuda"] |= {"command": shlex.join(["python", "-m", "benchmarks", "--cuda", "--repeats", str(args.repeats)]),
                      "seconds": time.perf_counter() - start}
     return write(data, json_path, args.out)

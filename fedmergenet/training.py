@@ -90,9 +90,7 @@ def train_epoch(
     the first few replays one CUDA graph of the whole step (forward, backward, optimiser):
     the student is small enough that a GPU otherwise waits on Python launching its kernels."""
     memory_format = memory_format or TRAINING_MEMORY_FORMAT
-    if capture is None:
-        capture = device.type == "cuda"
-    capture = capture and device.type == "cuda" and before_step is None and after_step is None
+    capture = capture is not False and device.type == "cuda" and before_step is None and after_step is None
     model.to(memory_format=memory_format)
     try:
         return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,

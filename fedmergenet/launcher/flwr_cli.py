@@ -80,8 +80,9 @@ def _flower_config(flwr_home: Path) -> Iterator[dict[str, Any]]:
         config = _read_flower_config(flwr_home)
         before = tomli_w.dumps(config)
         yield config
-        if tomli_w.dumps(config) != before:
-            write_text(flwr_home / "config.toml", tomli_w.dumps(config))
+        after = tomli_w.dumps(config)
+        if after != before:
+            write_text(flwr_home / "config.toml", after)
 
 
 def write_connection(flwr_home: Path, name: str, address: str, tls: Tls | None) -> None:
