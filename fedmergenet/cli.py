@@ -146,6 +146,9 @@ def runner_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="seeds for --suite (default: --seed and the next one, the fewest that give a spread "
                              "over seeds; the report pairs arms by seed)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="--suite: arms run side by side, each its own process (default 1: one at a time; "
+                             "on a GPU that one arm leaves mostly idle, 3)")
     parser.add_argument("--central", action="store_true", help="run the single-machine baseline instead")
     parser.add_argument("--cotrain-teacher", action="store_true", help="central MergeNet: train the teacher alongside, as the original")
     parser.add_argument("--pretrain-teacher", action="store_true", help="only pretrain the teacher checkpoint")
@@ -171,7 +174,7 @@ def runner_main(argv: Sequence[str] | None = None) -> int:
         from .launcher.suite import run_suite
 
         seeds = args.seeds or [cfg.seed, cfg.seed + 1]
-        run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher)
+        run_suite(cfg, seeds, Path(args.results_root), cotrain_teacher=args.cotrain_teacher, jobs=args.jobs)
         return 0
     if args.central and cfg.fusion_arms:
         raise ConfigError("--fusion-arms runs federated arms in one Flower run; the central arms run one at a time")

@@ -86,11 +86,15 @@ def train_epoch(
     """One pass over ``loader``; returns the mean training loss per example (the data's
     cross-entropy: a ``proximal`` term shapes the gradient but is not reported).
 
-    On CUDA, unless ``capture`` is False or hooks run between steps, every full batch after
-    the first few replays one CUDA graph of the whole step (forward, backward, optimiser):
-    the student is small enough that a GPU otherwise waits on Python launching its kernels."""
+    On CUDA every full batch after the first few replays one CUDA graph of the whole step
+    (forward, backward, optimiser): the student is small enough that a GPU otherwise waits on
+    Python launching its kernels. ``capture=False`` keeps the eager loop. Hooks still run
+    eagerly between replays, but a recording freezes the optimiser's settings, so with hooks
+    the step is recorded only if ``capture`` is True: the caller vouches that its hooks change
+    tensors in place (``copy_`` into a weight) and never a setting such as the learning rate."""
     memory_format = memory_format or TRAINING_MEMORY_FORMAT
-    capture = capture is not False and device.type == "cuda" and before_step is None and after_step is None
+    hooked = before_step is not None or after_step is not None
+    capture = device.type == "cuda" and (capture if capture is not None else not hooked)
     model.to(memory_format=memory_format)
     try:
         return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,

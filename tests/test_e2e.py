@@ -5,6 +5,7 @@ Slow (about a minute each) but run in CI: they are the proof that the pieces wor
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ import torch
 from fedmergenet.config import RunConfig
 from fedmergenet.experiments.baseline import run_central, union_of_client_data
 from fedmergenet.experiments.estimate import Estimate, estimate_suite
-from fedmergenet.launcher.suite import run_suite
+from fedmergenet.launcher.processes import RuntimeFailure
+from fedmergenet.launcher.suite import run_suite, run_units, suite_units
 from fedmergenet.data.splits import client_data
 from fedmergenet.models import STUDENT_LAYER, state_checksum
 from fedmergenet.results import ARMS, read_metrics, read_summary
@@ -73,6 +75,39 @@ def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must
     assert "teacher" not in Estimate(teacher_s=0.0, per_seed_s=60.0, seeds=3).describe()
 
 
+def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path: Path) -> None:
+    """The suite runs its arms as runner processes: each command line parses back to exactly
+    the arm's options, so an arm run by the suite is the arm a user runs by hand."""
+    from fedmergenet.cli import runner_parser
+    from fedmergenet.config import config_from_args
+
+    cfg = tiny(tmp_path / "t.pt", tmp_path, lr_milestones="1,2", alpha=0.5)
+    units = suite_units(cfg, seeds=[3, 4], root=tmp_path / "suite", cotrain_teacher=True)
+    assert [u.name for u in units[:4]] == ["seed3/federated", "seed3/central", "seed3/central_mergenet",
+                                           "seed3/central_placebo"]
+    assert len(units) == 8
+    for unit in units:
+        args = runner_parser().parse_args(unit.command()[2:])
+        assert config_from_args(args) == unit.cfg, unit.name
+        assert (args.central, args.cotrain_teacher) == (unit.central, unit.central)
+    federated = units[0].cfg
+    assert (federated.seed, federated.fusion_arms) == (3, "plain mergenet placebo")
+    assert [run.output_dir for run in federated.arm_runs()] == [
+        str(tmp_path / "suite" / "seed3" / arm) for arm in ("fedavg", "fedavg_mergenet", "fedavg_placebo")]
+    assert units[6].cfg.output_dir == str(tmp_path / "suite" / "seed4" / "central_mergenet")
+
+
+@needs_fashion
+def test_an_arm_that_fails_stops_the_suite_with_its_own_error_line(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "t.pt", tmp_path, train_limit=4, num_clients=5, random_teacher=True)
+    units = [unit for unit in suite_units(cfg, seeds=[0], root=tmp_path / "suite") if unit.central][:2]
+    with pytest.raises(RuntimeFailure) as failure:
+        run_units(units, tmp_path / "suite", jobs=2, echo=False)
+    message = str(failure.value)
+    assert message.startswith("seed0/central") and "exit code 2" in message
+    assert "--num-clients 5 exceeds the 4 training images" in message and ".log" in message
+
+
 @pytest.mark.slow
 @needs_fashion
 def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path,
@@ -81,7 +116,7 @@ def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, 
     monkeypatch.setenv(MARK, mark)  # every process of the run inherits it
     teacher_bytes = teacher_file.read_bytes()
     cfg = tiny(teacher_file, tmp_path, rounds=2, fusion_start_round=1)
-    report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False)
+    report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False, jobs=2)
 
     runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ARMS}
     summaries = {arm: read_summary(path) for arm, path in runs.items()}
@@ -113,6 +148,14 @@ def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, 
     for arm in ("central_placebo", "fedavg_placebo"):
         assert summaries[arm]["teacher"]["source"] == "placebo"
         assert summaries[arm]["teacher"]["sha256"] != state_checksum(weights)
+
+    # Two at a time: the central arms ran while the federated run did, each with its own log.
+    timing = json.loads((tmp_path / "suite" / "timing.json").read_text())
+    units = timing["units"]
+    assert timing["jobs"] == 2 and set(units) == {f"seed0/{arm}" for arm in
+                                                  ("federated", "central", "central_mergenet", "central_placebo")}
+    assert units["seed0/central"]["start_s"] < units["seed0/federated"]["seconds"]
+    assert "Results: " in (tmp_path / "suite" / "seed0" / "federated.log").read_text()
 
     assert report.name == "report.md" and report.is_file()
     assert (report.parent / "gate_vs_epochs.png").is_file()
@@ -241,6 +284,16 @@ def test_every_door_of_the_runner_refuses_an_unwritable_output_with_one_line(
     assert runner_main([*args, str(blocker / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not writable" in errors[0], errors
+
+
+def test_the_suite_refuses_fewer_than_one_job_before_any_work(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmergenet.cli import runner_main
+
+    assert runner_main(["--suite", "--jobs", "0", "--random-teacher", "--results-root", str(tmp_path / "s")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --jobs must be at least 1 (got 0)"]
+    assert not (tmp_path / "s").exists()
 
 
 def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -159,6 +159,7 @@ def test_a_thousand_fusion_cycles_keep_the_layer_finite_and_its_scale(mode, teac
         assert abs(float(unit.gate.detach())) > 0.1  # fusion did act: the gate opened
 
 
+@pytest.mark.slow  # the real 37M-parameter adapter: about 2 s a cycle on 2 cores
 def test_real_scale_cycles_with_the_gate_open_keep_the_layers_std():
     """The real [160, 960] layer against a 10-class teacher, the gate forced to 1 (where the std grew
     150x in 100 fusions before the rescale, about 1.4x per fusion): 6 cycles leave it within 2x."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedmergenet.models import build_student
+from fedmergenet.models import STUDENT_LAYER, build_student
 from fedmergenet.training import (
     bn_statistics,
     evaluate,
@@ -174,10 +174,13 @@ def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_recorded_cuda_step_trains_as_the_eager_loop(monkeypatch):
+@pytest.mark.parametrize("hooked", [False, True])
+def test_the_recorded_cuda_step_trains_as_the_eager_loop(monkeypatch, hooked):
     """On a GPU (skipped elsewhere): replaying the recorded training step gives the eager loop's
     losses and weights from the same start and batches, FedProx's term and a last partial batch
-    included, over two epochs (a new recording each: the learning rate moves between them)."""
+    included, over two epochs (a new recording each: the learning rate moves between them).
+    ``hooked``: hooks between the steps write a layer in place and read it back, as the central
+    MergeNet arm's fusion does, and see the same values either way."""
     import fedmergenet.training as training
     from fedmergenet.data import DeviceBatches, ImageDataset
     from fedmergenet.training import Proximal
@@ -205,11 +208,23 @@ def test_the_recorded_cuda_step_trains_as_the_eager_loop(monkeypatch):
         scheduler = make_scheduler(optimizer, milestones=[1], gamma=0.2)
         proximal = Proximal.at(model, mu=0.01)
         batches = DeviceBatches(ds, None, batch_size=32, train=True, seed=1, device=cuda)  # 6 full, then 8
+        layer = model.get_parameter(STUDENT_LAYER)
+        seen = []
+
+        def shrink(step: int, *_) -> None:
+            if step % 2 == 0:
+                with torch.no_grad():
+                    layer.copy_(layer * 0.9)
+
+        def read(*_) -> None:
+            seen.append(float(layer.detach().norm()))
+
+        hooks = {"before_step": shrink, "after_step": read} if hooked else {}
         losses = []
         for _ in range(2):
-            losses.append(train_epoch(model, batches, optimizer, cuda, proximal=proximal, capture=capture))
+            losses.append(train_epoch(model, batches, optimizer, cuda, proximal=proximal, capture=capture, **hooks))
             scheduler.step()
-        return losses, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return losses + seen, {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     eager_losses, eager = run(capture=False)
     assert recordings == []

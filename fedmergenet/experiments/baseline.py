@@ -118,8 +118,10 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
     append_metrics(out, _row(0, evaluate(model, tests, device), {}, time.time() - start))
     for epoch in range(1, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        # capture: the fusion hooks write the layer in place, which a recorded step reads as it replays.
         loss = train_epoch(model, loader, optimizer, device, desc=f"{arm} epoch {epoch}/{epochs}",
-                           before_step=hooks.before if hooks else None, after_step=hooks.after if hooks else None)
+                           before_step=hooks.before if hooks else None, after_step=hooks.after if hooks else None,
+                           capture=True)
         scheduler.step()
         fusion = hooks.end_epoch() if hooks else {}
         result = evaluate(model, tests, device)

@@ -3,40 +3,84 @@
 Each MergeNet arm has a placebo: the same fusion from the teacher with its fused matrix
 shuffled, so a gain can be credited to the teacher's knowledge only if the trained teacher
 beats its placebo by more than the spread over seeds (see report.teacher_credit).
+
+The arms are independent once the teacher exists, so the suite runs them as separate
+processes of the runner script, ``jobs`` at a time: one at a time they take this terminal,
+side by side (a GPU that one arm leaves mostly idle) each writes its own log. How the wall
+time split goes to ``<root>/timing.json``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..checks import check_run
-from ..config import FUSION_ARMS, RunConfig
-from ..experiments.baseline import run_central, union_of_client_data
+from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags
+from ..errors import ConfigError
 from ..experiments.estimate import Estimate, estimate_suite
 from ..experiments.pretrain import ensure_teacher, teacher_data_config
-from .federated import run_simulation
+from . import processes
+
+RUNNER = PROJECT_ROOT / "run_federated_mergenet.py"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of the suite: a central arm, or a seed's three federated arms one
+    after another in one Flower run (one simulation start-up, not three)."""
+
+    name: str  # seed0/central_mergenet, seed0/federated
+    cfg: RunConfig
+    central: bool
+    cotrain_teacher: bool = False
+
+    def command(self) -> list[str]:
+        """The runner's command line that runs this unit: the suite's arms are the runner's."""
+        mode = ["--central"] + (["--cotrain-teacher"] if self.cotrain_teacher else []) if self.central else []
+        return [sys.executable, str(RUNNER), *mode, *to_flags(self.cfg)]
+
+    def log_path(self, root: Path) -> Path:
+        return root / f"{self.name}.log"
+
+
+def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False) -> list[Unit]:
+    """Seed by seed, its federated run (the longest, so it starts first when units run side by
+    side) and its three central arms."""
+    units = []
+    for seed in seeds:
+        folder = root / f"seed{seed}"
+        federated = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
+        units.append(Unit(f"seed{seed}/federated", federated, central=False))
+        for name in FUSION_ARMS:
+            arm = cfg.replace(seed=seed).with_fusion_arm(name)
+            arm = arm.replace(output_dir=str(folder / arm.central_arm))
+            units.append(Unit(f"seed{seed}/{arm.central_arm}", arm, central=True, cotrain_teacher=cotrain_teacher))
+    return units
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
-              compare: bool = True, echo: bool = True) -> Path:
+              compare: bool = True, echo: bool = True, jobs: int = 1) -> Path:
     """Run every arm for every seed under ``root/seed<k>/<arm>``; returns the report folder."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     cfg = check_run(cfg, root, teacher=False)  # the teacher may still have to be pretrained
     if echo:
-        print(suite_estimate(cfg, len(seeds)).describe(), flush=True)
+        side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
+        print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
+    start = time.monotonic()
     ensure_teacher(cfg, echo=echo)  # one teacher for every arm and seed: the comparison's constant
-    for seed in seeds:
-        folder = root / f"seed{seed}"
-        for name in FUSION_ARMS:
-            arm_cfg = cfg.replace(seed=seed).with_fusion_arm(name)
-            arm_cfg = arm_cfg.replace(output_dir=str(folder / arm_cfg.central_arm))
-            if echo:
-                print(f"\n=== {arm_cfg.central_arm} (seed {seed}) -> {arm_cfg.output_dir}", flush=True)
-            run_central(arm_cfg, mergenet=arm_cfg.fusion, cotrain_teacher=cotrain_teacher, echo=echo)
-        # The federated arms one after another in one Flower run: one simulation start-up, not three.
-        federated = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
-        if echo:
-            print(f"\n=== {', '.join(run.arm for run in federated.arm_runs())} (seed {seed}) -> {folder}", flush=True)
-        run_simulation(federated, echo=echo)
+    timing = {"jobs": jobs, "teacher_s": time.monotonic() - start}
+    units = suite_units(cfg, seeds, root, cotrain_teacher)  # the runner's processes share this folder
+    timing["units"] = run_units(units, root, jobs, echo)
+    timing["total_s"] = time.monotonic() - start
+    (root / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    if echo:
+        print(describe_timing(timing), flush=True)
     if not compare:
         return root
     from ..report import write_report
@@ -47,8 +91,58 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     return report.path
 
 
+def run_units(units: list[Unit], root: Path, jobs: int, echo: bool) -> dict[str, dict[str, float]]:
+    """Run the units ``jobs`` at a time, in order; the first that fails stops the others.
+    Returns each unit's start (from the first start) and wall seconds."""
+    # Side by side, the cores are shared out: torch would otherwise give every process all of them.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {})
+    pending, running, done = list(units), {}, {}
+    first = time.monotonic()
+    with processes.managed() as children:
+        while pending or running:
+            while pending and len(running) < jobs:
+                unit = pending.pop(0)
+                log = unit.log_path(root) if jobs > 1 or not echo else None  # None: this terminal
+                if echo:
+                    print(f"\n=== {unit.name} -> {unit.cfg.output_dir}" + (f" (log: {log})" if log else ""), flush=True)
+                running[unit.name] = (unit, children.start(unit.command(), log, env), time.monotonic())
+            time.sleep(0.2)
+            for unit, process, started in list(running.values()):
+                if process.poll() is None:
+                    continue
+                del running[unit.name]
+                if process.returncode != 0:
+                    raise processes.RuntimeFailure(f"{unit.name} failed (exit code {process.returncode}): "
+                                                   f"{last_line(unit.log_path(root))}")
+                done[unit.name] = {"start_s": started - first, "seconds": time.monotonic() - started}
+                if echo and jobs > 1:
+                    print(f"=== {unit.name} done in {done[unit.name]['seconds']:.0f} s", flush=True)
+    return done
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "see its output above"
+    return f"{lines[-1].strip() if lines else '(no output)'}; log: {log}"
+
+
+def describe_timing(timing: dict) -> str:
+    """How the suite's wall time split: teacher, then the arms (central and federated summed)."""
+    units = timing["units"]
+    central = sum(u["seconds"] for name, u in units.items() if not name.endswith("/federated"))
+    federated = sum(u["seconds"] for name, u in units.items() if name.endswith("/federated"))
+    arms = timing["total_s"] - timing["teacher_s"]
+    return (f"\nsuite: {timing['total_s']:.0f} s wall = teacher {timing['teacher_s']:.0f} s + arms {arms:.0f} s "
+            f"({timing['jobs']} at a time; central arms {central:.0f} s and federated runs {federated:.0f} s of "
+            f"process time)")
+
+
 def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
     from ..data.splits import test_set, train_set
+    from ..experiments.baseline import union_of_client_data
 
     teacher_images = 0
     if not cfg.random_teacher and not cfg.teacher_path().is_file():
