@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
         settings = settings_from(args, Path(work))
         data = measure(settings)
+    if "cuda" not in data:
+        data |= earlier_cuda(json_path)
     data |= {
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -104,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         "json_path": os.path.relpath(json_path, args.out.parent),
     }
     return write(data, json_path, args.out)
+
+
+def earlier_cuda(json_path: Path) -> dict[str, Any]:
+    """A run without a GPU keeps the GPU figures already in the raw data (they name their own
+    card, date and command) until a run on a GPU measures them again."""
+    try:
+        earlier = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"cuda": earlier["cuda"]} if isinstance(earlier, dict) and "cuda" in earlier else {}
 
 
 def cuda_only(args: argparse.Namespace, json_path: Path) -> int:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write`` on a binary file handle; the result replaces ``path`` in one step."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], sync: bool = True) -> None:
+    """Call ``write`` on a binary file handle; the result replaces ``path`` in one step.
+    ``sync=False`` skips waiting for the disk: for caches, which a crash may only cost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -19,7 +20,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results and checkpoints are for reading
         os.replace(tmp, path)
     except BaseException:

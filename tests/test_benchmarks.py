@@ -34,6 +34,7 @@ def test_the_benchmark_command_measures_and_writes_every_figure(tmp_path: Path) 
     assert [r["fusion_applied"] for r in data["runtime"]["rounds"]] == [0, 1]  # the real fusion was timed
     assert data["runtime"]["memory"]["peak_rss_bytes"]["server"] > 0
     assert data["startup"]["steps_s"]["torch"] > 0
+    assert data["startup"]["full_data"]["decoded_s"] > 0 and data["startup"]["full_data"]["mapped_s"] > 0
     assert 0 < data["checkpoint"]["blocking_ms"] and 0 < data["checkpoint"]["write_ms"]
     assert data["scale"][0]["replies"] == data["scale"][0]["per_round"]
     assert data["settings"]["tiny"] is True
@@ -85,3 +86,14 @@ def test_gpu_figures_without_a_gpu_are_one_line_and_exit_2(tmp_path: Path) -> No
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --cuda needs a CUDA GPU, and torch sees none here"]
     assert not (tmp_path / "B.md").exists()
+
+
+def test_a_run_without_a_gpu_keeps_the_gpu_figures_already_measured(tmp_path: Path) -> None:
+    from benchmarks.__main__ import earlier_cuda
+
+    raw = tmp_path / "benchmarks.json"
+    assert earlier_cuda(raw) == {}
+    raw.write_text(json.dumps({"throughput": {}, "cuda": cuda_figures(16_000.0, 1.2)}))
+    assert earlier_cuda(raw)["cuda"]["machine"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    raw.write_text("{not json")
+    assert earlier_cuda(raw) == {}

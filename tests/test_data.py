@@ -140,6 +140,40 @@ def test_fashion_mnist_is_padded_to_three_channel_32x32(fashion_dir: Path) -> No
     assert len(load_dataset("fashion-mnist", fashion_dir, train=False, download=False, system_dirs=())) == 12
 
 
+def test_a_decoded_split_is_kept_on_disk_for_the_next_process_until_its_files_change(
+        fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployment starts a fresh ClientApp process per message: the first decodes the split, the
+    next ones map it from the cache, and the same subsets come out either way."""
+    from fedmergenet.data import datasets
+
+    cache = tmp_path / "cache"
+
+    def load(**kwargs) -> datasets.ImageDataset:
+        return load_dataset("fashion-mnist", fashion_dir, train=True, download=False, system_dirs=(), **kwargs)
+
+    first = load(cache_dir=cache)
+    assert len(list(cache.glob("decoded/*/images.npy"))) == 1
+
+    def must_not_decode(*_files):
+        raise AssertionError("the cached split should have been mapped")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(datasets, "_read_fashion_mnist", must_not_decode)
+        whole, subset = load(cache_dir=cache), load(cache_dir=cache, limit=7, seed=2)
+    assert torch.equal(whole.images, first.images) and torch.equal(whole.labels, first.labels)
+    uncached = load(limit=7, seed=2)
+    assert torch.equal(subset.images, uncached.images) and torch.equal(subset.labels, uncached.labels)
+
+    write_idx(fashion_dir / "fashion-mnist" / "train-images-idx3-ubyte.gz", np.full((30, 28, 28), 9), 2051)
+    changed = load(cache_dir=cache)
+    assert (changed.images[:, :, 2:30, 2:30] == 9).all()  # the new files, not the old entry
+    assert len(list(cache.glob("decoded/*/images.npy"))) == 2
+
+    for entry in cache.glob("decoded/*/images.npy"):
+        entry.write_bytes(b"damaged")
+    assert torch.equal(load(cache_dir=cache).images, changed.images)  # decoded again
+
+
 def test_fashion_mnist_is_found_in_torchvisions_raw_folder_too(tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
     assert len(load_dataset("fashion-mnist", tmp_path, train=True, download=False, system_dirs=())) == 30

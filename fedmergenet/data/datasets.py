@@ -8,7 +8,9 @@ of the whole archive, which would refuse the tiny files the tests write.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import math
 import pickle
 import struct
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fedmergenet.atomic import atomic_write
 from fedmergenet.config import DATASETS
 from fedmergenet.errors import ConfigError, DatasetError
 
@@ -78,10 +81,14 @@ def load_dataset(
     seed: int = 0,
     download: bool = True,
     system_dirs: Sequence[str | Path] = FASHION_MNIST_DIRS,
+    cache_dir: Path | None = None,
 ) -> ImageDataset:
     """Load the train or test split of `name`; `limit > 0` keeps a seeded random subset.
 
-    `system_dirs` are searched for Fashion-MNIST after `data_dir` (tests pass their own).
+    `system_dirs` are searched for Fashion-MNIST after `data_dir` (tests pass their own). With
+    `cache_dir`, the whole decoded split is kept there and a later process maps it from the
+    disk instead of decompressing and converting the files again: Flower's deployment runtime
+    starts a fresh ClientApp process for every message.
     """
     key = name.strip().lower()
     if key not in DATASETS:
@@ -90,16 +97,15 @@ def load_dataset(
         raise ConfigError(f"limit must be >= 0 (0 keeps all samples), got {limit}")
     root = Path(data_dir).expanduser()
     if key == "cifar100":
-        images, labels = _load_cifar100(root, train, download)
+        sources = [_cifar100_file(root, train, download)]
         num_classes, mean, std = 100, CIFAR100_MEAN, CIFAR100_STD
     else:
-        images, labels = _load_fashion_mnist(root, train, download, [Path(d) for d in system_dirs])
+        sources = list(_fashion_mnist_files(root, train, download, [Path(d) for d in system_dirs]))
         num_classes, mean, std = 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    images, labels = _decoded(key, sources, cache_dir)
     keep = _subset_positions(len(labels), limit, seed)
-    if keep is not None:  # subset before converting, so padding works on fewer images
+    if keep is not None:
         images, labels = images[keep], labels[keep]
-    if key == "fashion-mnist":
-        images = _grey28_to_rgb32(images)
     return ImageDataset(
         name=key,
         images=torch.from_numpy(np.ascontiguousarray(images)),
@@ -108,6 +114,34 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+# Bumped when the decoded layout changes, so that old cache entries are never read.
+DECODED_FORMAT = 1
+
+
+def _decoded(key: str, sources: Sequence[Path], cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split as uint8 [N, 3, 32, 32] and int64 [N]: from the cache when it holds
+    these very source files (path, size and modification time), else decoded (and cached)."""
+    decode = _read_cifar100_split if key == "cifar100" else _read_fashion_mnist
+    if cache_dir is None:
+        return decode(*sources)
+    digest = hashlib.sha256(repr((DECODED_FORMAT, key)).encode())
+    for source in sources:
+        stat = source.stat()
+        digest.update(repr((str(source.resolve()), stat.st_size, stat.st_mtime_ns)).encode())
+    folder = Path(cache_dir) / "decoded" / digest.hexdigest()[:32]
+    with contextlib.suppress(OSError, ValueError, EOFError):
+        labels = np.load(folder / "labels.npy")
+        images = np.load(folder / "images.npy", mmap_mode="c")  # copy-on-write: read lazily, never written back
+        if images.dtype == np.uint8 and images.shape == (len(labels), 3, 32, 32) and labels.dtype == np.int64:
+            return images, labels
+    images, labels = decode(*sources)
+    # Written whole or not at all (a reader checks the shapes); a read-only cache only costs time.
+    with contextlib.suppress(OSError):
+        atomic_write(folder / "labels.npy", lambda handle: np.save(handle, labels), sync=False)
+        atomic_write(folder / "images.npy", lambda handle: np.save(handle, images), sync=False)
+    return images, labels
 
 
 def _subset_positions(n: int, limit: int, seed: int) -> np.ndarray | None:
@@ -126,11 +160,14 @@ def _one_line(error: BaseException) -> str:
 # --- CIFAR-100 ------------------------------------------------------------------
 
 
-def _load_cifar100(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _cifar100_file(root: Path, train: bool, download: bool) -> Path:
     folder = root / CIFAR100_FOLDER
     if not folder.is_dir():
         _download_cifar100(root, folder, download)
-    return _read_cifar100_split(folder / ("train" if train else "test"))
+    path = folder / ("train" if train else "test")
+    if not path.is_file():
+        raise DatasetError(f"CIFAR-100 file missing: {path}")
+    return path
 
 
 def _download_cifar100(root: Path, folder: Path, download: bool) -> None:
@@ -151,8 +188,6 @@ def _download_cifar100(root: Path, folder: Path, download: bool) -> None:
 
 def _read_cifar100_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one pickle of the official python version: b"data" [N, 3072], b"fine_labels"."""
-    if not path.is_file():
-        raise DatasetError(f"CIFAR-100 file missing: {path}")
     try:
         with path.open("rb") as f:
             # The official format is a pickle; it only comes from data_dir the user chose.
@@ -177,9 +212,8 @@ def fashion_mnist_dirs(data_dir: str | Path, system_dirs: Sequence[str | Path] =
     return [root / "FashionMNIST" / "raw", root / "fashion-mnist", *(Path(d) for d in system_dirs)]
 
 
-def _load_fashion_mnist(
-    root: Path, train: bool, download: bool, system_dirs: list[Path]
-) -> tuple[np.ndarray, np.ndarray]:
+def _fashion_mnist_files(root: Path, train: bool, download: bool, system_dirs: list[Path]) -> tuple[Path, Path]:
+    """The split's images and labels idx files: found, or downloaded into ``root``."""
     folders = fashion_mnist_dirs(root, system_dirs)
     found = _find_idx_pair(folders, train)
     reason = "download is off"
@@ -192,11 +226,16 @@ def _load_fashion_mnist(
             f"Fashion-MNIST not found in {searched} ({reason}); "
             "install it offline with `apt-get install dataset-fashion-mnist`"
         )
-    images = _read_idx(found[0], _IDX_IMAGES_MAGIC)
-    labels = _read_idx(found[1], _IDX_LABELS_MAGIC)
+    return found
+
+
+def _read_fashion_mnist(images_file: Path, labels_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(images_file, _IDX_IMAGES_MAGIC)
+    labels = _read_idx(labels_file, _IDX_LABELS_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
-        raise DatasetError(f"Fashion-MNIST files {found[0]} and {found[1]} do not match: {images.shape} vs {labels.shape}")
-    return images, labels.astype(np.int64)
+        raise DatasetError(f"Fashion-MNIST files {images_file} and {labels_file} do not match: "
+                           f"{images.shape} vs {labels.shape}")
+    return _grey28_to_rgb32(images), labels.astype(np.int64)
 
 
 def _download_fashion_mnist(root: Path, train: bool) -> str:

@@ -1,5 +1,5 @@
-"""A run's data: its training and test sets (decoded once per process), the clients'
-partitions (cached on disk across processes), and the loaders every arm trains from."""
+"""A run's data: its training and test sets and the clients' partitions (each computed once
+and cached on disk across processes), and the loaders every arm trains from."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from .partition import partition_indices, split_train_val
 
 @lru_cache(maxsize=4)
 def cached_dataset(name: str, data_dir: str, train: bool, limit: int, seed: int) -> ImageDataset:
-    """A ClientApp process serves many messages: read and decode the dataset once per process."""
-    return load_dataset(name, data_dir, train=train, limit=limit, seed=seed)
+    """Read once per process (a simulated ClientApp serves many messages) and decoded once per
+    machine (a deployment ClientApp process serves one, then maps the decoded split from disk)."""
+    return load_dataset(name, data_dir, train=train, limit=limit, seed=seed, cache_dir=cache_dir())
 
 
 def train_set(cfg: RunConfig) -> ImageDataset:

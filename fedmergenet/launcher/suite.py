@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text
 from ..checks import check_run
 from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags
 from ..errors import ConfigError
@@ -78,7 +79,7 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     units = suite_units(cfg, seeds, root, cotrain_teacher)  # the runner's processes share this folder
     timing["units"] = run_units(units, root, jobs, echo)
     timing["total_s"] = time.monotonic() - start
-    (root / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    write_text(root / "timing.json", json.dumps(timing, indent=1) + "\n")
     if echo:
         print(describe_timing(timing), flush=True)
     if not compare:
