@@ -130,6 +130,22 @@ def test_simulated_clients_training_on_cuda_share_the_gpus():
     assert federation_config(cfg, 1, gpus=8)["client-resources-num-gpus"] == 1.0
 
 
+@pytest.mark.parametrize(("clients", "threads", "cores", "offered"), [
+    (3, 1, 2, 3),     # the quick preset: all three at once, no core idle in a second wave
+    (4, 1, 2, 2),     # two full waves
+    (30, 1, 2, 2),    # 30 per round: waves of 2, not 30 actors of ~1.2 GiB each
+    (20, 1, 16, 20),  # a second wave of 4 would leave 12 cores idle
+    (15, 1, 16, 16),  # fewer clients than cores: the cores
+    (3, 2, 2, 2),     # two-thread clients: never oversubscribed
+])
+def test_ray_is_offered_cpus_for_a_round_without_an_actor_per_client(clients, threads, cores, offered):
+    from fedmergenet.config import RunConfig
+    from fedmergenet.launcher.federated import ray_cpus
+
+    cfg = RunConfig(num_clients=50, clients_per_round=clients)
+    assert ray_cpus(cfg, threads, cores=cores) == offered
+
+
 def test_the_set_up_prepares_plain_flwr_run(tmp_path):
     """configure_project: the activate script exports Flower's settings once, and the local
     simulation connection gets the runner's settings as Flower's nested options."""

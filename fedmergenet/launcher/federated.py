@@ -109,11 +109,17 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def ray_cpus(cfg: RunConfig, num_cpus_per_client: int) -> int:
-    """CPUs Ray may hand out: enough for every sampled client of a round at once. With fewer
-    cores than clients Ray would run them in waves, leaving cores idle while the last wave
-    trains; oversubscribing lets the OS share the cores among all of them instead."""
-    return max(os.cpu_count() or 1, cfg.sample_size * num_cpus_per_client)
+def ray_cpus(cfg: RunConfig, num_cpus_per_client: int, cores: int | None = None) -> int:
+    """CPUs Ray may hand out, which bounds the actors started (each ~1.2 GiB with torch). Ray
+    runs a round's clients in waves of as many as it has CPUs for; a second, partly empty wave
+    of one-thread clients (3 on 2 cores) leaves cores idle, so fewer than twice the cores'
+    worth all train at once and the OS shares the cores. With more, the waves keep the cores
+    busy and more actors than cores only cost time and memory (measured: BENCHMARKS.md, 3).
+    Clients with several threads get only the cores: oversubscribed, their threads spin-wait."""
+    cores = cores or os.cpu_count() or 1
+    if num_cpus_per_client > 1:
+        return max(cores, num_cpus_per_client)
+    return cfg.sample_size if cores < cfg.sample_size < 2 * cores else cores
 
 
 def wait_status(connection: str, run_id: int, env: dict[str, str], timeout: float = 30.0) -> str:
