@@ -29,9 +29,13 @@ def small_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return student, teacher, target
 
 
-def small_unit(teacher: torch.Tensor, mode: str = "gated", seed: int = 0, **cfg) -> KnowledgeFusionUnit:
+def small_unit(teacher: torch.Tensor, mode: str = "gated", seed: int = 0, device: str = "cpu",
+               **cfg) -> KnowledgeFusionUnit:
     config = AdapterConfig(**{"h": 2, "lr": 0.01, "warmup_updates": 100, "mode": mode, **cfg})
-    return KnowledgeFusionUnit(teacher, SMALL_STUDENT, config, total_updates=200, device="cpu", seed=seed)
+    return KnowledgeFusionUnit(teacher, SMALL_STUDENT, config, total_updates=200, device=device, seed=seed)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 def params_of(unit: KnowledgeFusionUnit) -> list[torch.Tensor]:
@@ -338,6 +342,25 @@ def test_a_unit_saved_between_fuse_and_learn_learns_the_same_after_loading(tmp_p
     assert a.learn(fused, target) == b.learn(fused, target)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert_same_from_now_on(a, b, student, target, steps=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fusion_draws_its_dropout_from_its_own_seed_and_leaves_the_global_generator_alone(tmp_path, device):
+    """Dropout is active in every fusion: its masks come from the unit's seeds, the same on every
+    run and after a resume, and drawing them moves no generator anyone else uses."""
+    student, teacher, target = small_problem()
+    a, b = small_unit(teacher, device=device), small_unit(teacher, device=device)
+    torch.manual_seed(123)
+    expected_next = torch.rand(4, device=device)
+    torch.manual_seed(123)
+    fused = a.fuse(student)
+    assert torch.equal(torch.rand(4, device=device), expected_next)
+    assert torch.equal(b.fuse(student), fused)
+    torch.save(a.state_dict(), tmp_path / "fusion.pt")
+    resumed = small_unit(teacher, device=device, seed=5)
+    resumed.load_state_dict(torch.load(tmp_path / "fusion.pt", weights_only=True))
+    assert a.learn(fused, target) == resumed.learn(fused, target) == b.learn(fused, target)
+    assert torch.equal(a.fuse(student), resumed.fuse(student))
 
 
 def test_loading_a_state_for_another_teacher_shape_fails():

@@ -21,9 +21,11 @@ finite is refused (``fuse`` returns None) and so is an update whose gradient is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +39,15 @@ from .param_attention import ParamAttention, as_matrix
 
 
 GATE_LR_SCALE = 10.0
+
+
+def clip_gradients_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (L2, scale by max_norm / (norm + 1e-6) when above) on
+    gradients of one device and dtype, without its per-call grouping: the adapter's update is
+    bound by Python, not arithmetic. Returns the total norm before clipping, as a tensor."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -76,7 +87,12 @@ class KnowledgeFusionUnit:
             torch.manual_seed(seed)
             self.adapter = ParamAttention(matrix_shape, tuple(self.teacher.shape), self.config.h, self.config.num_layers)
         self.adapter.to(self.device)
+        self.adapter.train()  # MergeNet fuses with dropout active
         self.gate = nn.Parameter(torch.zeros((), device=self.device))
+        # The adapter's step is bound by Python launching small kernels, not by arithmetic, so
+        # per-call bookkeeping (module walks, seeding every generator, host reads) shows in
+        # its cost: the parameter list is built once and each call reads the device once.
+        self._params = list(self.adapter.parameters()) + ([self.gate] if self.config.mode == "gated" else [])
         self.total_updates = max(1, int(total_updates))
         # fused: one kernel for the whole update on a GPU (torch's fused AdamW is CUDA-only here).
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr, fused=self.device.type == "cuda")
@@ -88,8 +104,7 @@ class KnowledgeFusionUnit:
 
     # --- public API ------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        params = list(self.adapter.parameters())
-        return params + [self.gate] if self.config.mode == "gated" else params
+        return list(self._params)
 
     @property
     def num_parameters(self) -> int:
@@ -101,7 +116,7 @@ class KnowledgeFusionUnit:
         if tuple(student_layer.shape) != self.student_shape:
             raise ValueError(f"student layer has shape {tuple(student_layer.shape)}, expected {self.student_shape}")
         # A copy: the caller may keep training the tensor it passed, which the graph must not see.
-        student = as_matrix(student_layer).detach().to(self.device, torch.float32).clone()
+        student = as_matrix(student_layer).detach().to(self.device, torch.float32, copy=True)
         pending = _Pending(student=student, seed=self._seeds.randrange(2**31))
         pending.output = self._forward(pending)
         output = pending.output.detach()
@@ -130,27 +145,27 @@ class KnowledgeFusionUnit:
         fused = as_matrix(fused_layer).to(self.device, torch.float32)
         observed = as_matrix(observed_layer).detach().to(self.device, torch.float32)
         target = output.detach()
-        # torch.allclose(fused, target, rtol=1e-4, atol=1e-5) and the finiteness of the observed
-        # layer, read in one synchronisation (each read stops a GPU).
+        delta = target - observed
+        params = self._params
+        # The graph is kept until the checks below are read: a refused call leaves fuse()'s
+        # output learnable (the unit drops it, and with it the graph, once it is used).
+        grads = torch.autograd.grad([output], params, grad_outputs=[delta], allow_unused=True, retain_graph=True)
+        for param, grad in zip(params, grads):
+            param.grad = grad  # every gradient replaced: no zero_grad() needed before
+        # The total norm is not finite exactly when some gradient is not (or overflows).
+        norm = clip_gradients_([grad for grad in grads if grad is not None], self.config.clip_norm)
+        # One host read for every check (each read stops a GPU): torch.allclose(fused, target,
+        # rtol=1e-4, atol=1e-5), the observed layer's finiteness, the gradient's norm, the gap.
         gap = (fused - target).abs()
-        matches, largest, finite = torch.stack([(gap <= 1e-5 + 1e-4 * target.abs()).all().float(), gap.max(),
-                                                torch.isfinite(observed).all().float()]).tolist()
+        matches, largest, finite, norm, mse = torch.stack([
+            (gap <= 1e-5 + 1e-4 * target.abs()).all().float(), gap.max(), torch.isfinite(observed).all().float(),
+            norm.float(), delta.pow(2).mean()]).tolist()
         if not matches:
+            self.optimizer.zero_grad(set_to_none=True)
             raise ValueError(f"learn() got a fused layer that is not the output of the last fuse() "
                              f"(largest difference {largest:.3g})")
         self._pending = None
-        if not finite:
-            return None
-        delta = target - observed
-        params = self.parameters()
-        self.optimizer.zero_grad(set_to_none=True)
-        grads = torch.autograd.grad([output], params, grad_outputs=[delta], allow_unused=True)
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        # The total norm is not finite exactly when some gradient is not (or overflows): refuse it.
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
-        norm, mse = torch.stack([norm, delta.pow(2).mean()]).tolist()
-        if not math.isfinite(norm):
+        if not finite or not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
@@ -214,16 +229,7 @@ class KnowledgeFusionUnit:
     # --- internals ---------------------------------------------------------------------
     def _forward(self, pending: _Pending, recompute: bool = False) -> torch.Tensor:
         """The adapter's output, with dropout drawn from the fusion's own seed (reproducible)."""
-        self.adapter.train()  # MergeNet fuses with dropout active
-        if recompute:
-            # fuse() already ran spectral norm's power iteration and saved its vectors; another
-            # iteration would give a different output, so reuse them (eval mode of the norm only).
-            for module in self.adapter.modules():
-                if parametrize.is_parametrized(module):
-                    module.parametrizations.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(pending.seed)
+        with self._dropout_seeded(pending.seed), self._power_iteration_frozen(recompute):
             raw = self.adapter(pending.student, self.teacher)
         student = pending.student
         if self.config.mode == "replace":
@@ -233,6 +239,38 @@ class KnowledgeFusionUnit:
             fused = student + self.gate * student.std() * raw
         # The norm-preserving rescale is what keeps repeated fusion from compounding (see top).
         return fused * (student.norm() / fused.norm().clamp_min(torch.finfo(fused.dtype).tiny))
+
+    @contextlib.contextmanager
+    def _dropout_seeded(self, seed: int) -> Iterator[None]:
+        """Dropout draws from the generator of the adapter's device alone: that one is seeded
+        for the call and restored after, as torch.random.fork_rng + manual_seed would, without
+        seeding every device's generator on each fusion."""
+        if self.device.type == "cuda":
+            generator = torch.cuda.default_generators[self.device.index if self.device.index is not None
+                                                      else torch.cuda.current_device()]
+        else:
+            generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            generator.set_state(state)
+
+    @contextlib.contextmanager
+    def _power_iteration_frozen(self, frozen: bool) -> Iterator[None]:
+        """fuse() already ran spectral norm's power iteration and saved its vectors; a recompute
+        must reuse them (another iteration would give a different output): eval mode of the
+        norm only, for that one forward."""
+        norms = [module.parametrizations for module in self.adapter.modules()
+                 if frozen and parametrize.is_parametrized(module)]
+        for norm in norms:
+            norm.eval()
+        try:
+            yield
+        finally:
+            for norm in norms:
+                norm.train()
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # As MergeNet: no weight decay on biases and norms (nor on the gate).
