@@ -65,9 +65,10 @@ def make_scheduler(
 TRAINING_MEMORY_FORMAT = torch.channels_last
 
 
-# Eager steps before the graph is recorded: they initialise the optimiser's momentum and
-# cuDNN's algorithm choice, which a recording must find in place (PyTorch's CUDA graphs notes).
-CAPTURE_WARMUP_STEPS = 3
+# Eager steps before the graph is recorded: the first creates the optimiser's momentum buffers
+# and initialises cuBLAS and cuDNN, which a recording must find in place (PyTorch's CUDA graphs
+# notes). Every further one is an eager step in an epoch that would otherwise replay it.
+CAPTURE_WARMUP_STEPS = 1
 
 
 def train_epoch(
