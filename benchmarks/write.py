@@ -304,7 +304,7 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
                           [[name, f"{value:,.0f}", f"{value / ips['plain']:.2f}"] for name, value in rows]), ""]
     if c["training"]["128"]["images_per_s"]["ours"] < 15_000:
         lines += ["Below the 15,000 images/s target at batch 128: each local epoch pays, besides its replays, the "
-                  "partition's upload, three eager warm-up steps, the recording and the allocation of the graph's "
+                  "partition's upload, an eager warm-up step, the recording and the allocation of the graph's "
                   "memory, and a client trains one epoch per round with a fresh model. The README's Performance "
                   "section gives the split, measured by hand on the same card.", ""]
     lines += ["### 4b Evaluation", "", "`evaluate` (loss, top-1, top-5, summed on the card) against bare forwards "
@@ -318,7 +318,8 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
                                    ["bare backward", f"{f['bare_backward_ms']:.1f}"],
                                    ["our fuse", f"{f['fuse_ms']:.1f}"],
                                    ["our learn (backward, clipping, fused AdamW step, schedule)", f"{f['learn_ms']:.1f}"]]),
-              "", f"Ratio: **{f['ratio']:.2f}x** the adapter's bare forward + backward.", ""]
+              "", f"Ratio: **{f['ratio']:.2f}x** the adapter's bare forward + backward"
+              + (f" (medians of {f['samples']} interleaved samples)." if "samples" in f else "."), ""]
     return lines
 
 
