@@ -94,8 +94,9 @@ class KnowledgeFusionUnit:
         # its cost: the parameter list is built once and each call reads the device once.
         self._params = list(self.adapter.parameters()) + ([self.gate] if self.config.mode == "gated" else [])
         self.total_updates = max(1, int(total_updates))
-        # fused: one kernel for the whole update on a GPU (torch's fused AdamW is CUDA-only here).
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr, fused=self.device.type == "cuda")
+        # fused: one kernel per parameter group, on the CPU too (torch's default there loops over
+        # the tensors one op at a time, which dominates a small adapter's update).
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.updates = 0
         self._seeds = random.Random(seed)
