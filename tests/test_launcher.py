@@ -187,3 +187,30 @@ def test_runs_started_side_by_side_keep_each_others_flower_connections(tmp_path)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda name: remove_connection(home, name), names[::2]))
     assert sorted(tomllib.loads((home / "config.toml").read_text())["superlink"]) == sorted(names[1::2])
+
+
+def test_flower_is_asked_for_the_runs_status_only_to_explain_an_arm_that_did_not_complete(tmp_path, monkeypatch):
+    """Our ServerApp writes each arm's summary last: when all say completed the run is done, with
+    no `flwr ls` process; otherwise Flower's status is asked for, and the error names it."""
+    from fedmergenet.config import RunConfig
+    from fedmergenet.launcher import federated
+    from fedmergenet.launcher.processes import RuntimeFailure
+    from fedmergenet.results import write_summary
+
+    cfg = RunConfig(output_dir=str(tmp_path), fusion_arms="plain mergenet")
+    asked: list[int] = []
+    monkeypatch.setattr(federated, "wait_status", lambda connection, run_id, env: asked.append(run_id) or "finished:failed")
+    for run in cfg.arm_runs():
+        Path(run.output_dir).mkdir(parents=True)
+        write_summary(Path(run.output_dir), {"arm": run.arm, "best_top1": 0.5, "final_top1": 0.5, "config": {},
+                                             "status": "completed"})
+    status = federated.final_status(cfg, "link", 7, {})
+    assert asked == [] and federated.finish(cfg, status, tmp_path / "flower.log") == tmp_path
+
+    last = cfg.arm_runs()[-1]
+    write_summary(Path(last.output_dir), {"arm": last.arm, "best_top1": 0.5, "final_top1": 0.5, "config": {},
+                                          "status": "stopped"})
+    status = federated.final_status(cfg, "link", 7, {})
+    assert asked == [7]
+    with pytest.raises(RuntimeFailure, match="Flower reports the run as finished:failed"):
+        federated.finish(cfg, status, tmp_path / "flower.log")
