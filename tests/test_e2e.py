@@ -371,7 +371,7 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
     project = _editable_source("fedmergenet") or ROOT  # the project this environment was set up from
     out = Path("results") / f".pytest-flwr-run-{uuid.uuid4().hex[:8]}"
     tiny_run = tmp_path / "tiny.toml"
-    tiny_run.write_text(f'train-limit = 96\ntest-limit = 64\nrounds = 2\nbatch-size = 16\nrandom-teacher = true\nadapter-layers = 1\n'
+    tiny_run.write_text(f'train-limit = 96\ntest-limit = 64\nrounds = 1\nbatch-size = 16\nrandom-teacher = true\nadapter-layers = 1\n'
                         f'output-dir = "{out}"\n')
     no_teacher = tmp_path / "no_teacher.toml"
     no_teacher.write_text('rounds = 1\nteacher-checkpoint = "checkpoints/.pytest-missing.pt"\n')
@@ -385,7 +385,7 @@ def test_plain_flwr_run_from_the_project_resolves_paths_in_the_project(tmp_path:
         log = flwr_run(tiny_run)
         summary = read_summary(project / out)
         assert summary["status"] == "completed", log
-        assert (summary["arm"], summary["rounds"]) == ("fedavg_mergenet", 2)
+        assert (summary["arm"], summary["rounds"]) == ("fedavg_mergenet", 1)
         assert summary["config"]["dataset"] == "fashion-mnist"  # the app's default: the quick preset
         assert summary["config"]["data-dir"] == str(project / "data")
 
