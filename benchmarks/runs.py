@@ -108,9 +108,9 @@ def overhead_config(settings: Settings) -> RunConfig:
     """The quick preset as users run it; the teacher's values do not change the costs measured."""
     cfg = apply_preset("quick").replace(random_teacher=True, skip_federated_eval=True, seed=0,
                                         output_dir=str(settings.work_dir / "overhead"))
-    if settings.tiny:
+    if settings.tiny:  # two rounds: the second fuses; no evaluate phase, which tiny runs do not time
         cfg = cfg.replace(train_limit=96, test_limit=64, rounds=2, num_clients=2, batch_size=16,
-                          adapter_layers=settings.adapter_layers)
+                          adapter_layers=settings.adapter_layers, recalibrate_bn=False)
     return cfg
 
 
@@ -173,12 +173,12 @@ def server_and_runtime(settings: Settings) -> dict[str, Any]:
 
 def scale_config(settings: Settings, per_round: int) -> RunConfig:
     """Fifty clients, a few dozen images each, two rounds (the second is the steady state:
-    the first also starts the actors' ClientApps)."""
+    the first also starts the actors' ClientApps). Tiny settings: 4 clients, one round."""
     clients = 4 if settings.tiny else 50
     return RunConfig(dataset="fashion-mnist", train_limit=clients * 24, test_limit=64 if settings.tiny else 200,
-                     num_clients=clients, clients_per_round=per_round, rounds=2, local_epochs=1, batch_size=16,
-                     lr=0.03, random_teacher=True, skip_federated_eval=True, device="cpu", seed=0,
-                     adapter_layers=settings.adapter_layers,
+                     num_clients=clients, clients_per_round=per_round, rounds=1 if settings.tiny else 2, local_epochs=1,
+                     batch_size=16, lr=0.03, random_teacher=True, skip_federated_eval=True, device="cpu", seed=0,
+                     adapter_layers=settings.adapter_layers, recalibrate_bn=not settings.tiny,
                      output_dir=str(settings.work_dir / f"scale-{per_round}"))
 
 
