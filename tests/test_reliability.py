@@ -53,7 +53,7 @@ def experiments() -> list[dict]:
     matrix = [{"name": f"{name}-fusion", "strategy": name, **({} if name == "fedavg" else train_only)}
               for name in RUNTIME_STRATEGIES]
     matrix += [{"name": f"fedavg-fusion-{mode}", "dp": mode} for mode in DP_MODES]
-    faults = [{"name": "malformed", "fault": "malformed", "clients_per_round": 0, "rounds": 3}]
+    faults = [{"name": "malformed", "fault": "malformed", "clients_per_round": 0, "rounds": 2}]
     faults += [{"name": f"{name}-huge", "strategy": name, **options, "fusion": False, "fault": "huge",
                 "clients_per_round": 0, "rounds": 1, **train_only} for name, options in HUGE.items()]
     # Last: its clients answer after the run has moved on.
@@ -91,7 +91,7 @@ def faults_run(tmp_path_factory: pytest.TempPathFactory, teacher_file: Path) -> 
 def test_malformed_updates_are_rejected_and_the_rest_averaged(faults_run: tuple[Path, RunConfig]) -> None:
     out = faults_run[0] / "malformed"
     rows = [r for r in read_metrics(out) if r["round"] > 0]
-    assert [r["rejected"] for r in rows] == [3, 3, 3]  # nodes 1-3 misbehave, nodes 0 and 4 are honest
+    assert [r["rejected"] for r in rows] == [4, 4]  # nodes 1-4 misbehave, node 0 is honest
     assert all(r["round_status"] == "ok" for r in rows)  # each round averaged the sound updates
     reasons = " | ".join(reason for r in rows for reason in r["rejections"])
     for expected in ("NaN or Inf", "tensor names differ", "has shape", "has dtype float64", "num-examples 0",

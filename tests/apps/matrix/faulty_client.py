@@ -1,5 +1,5 @@
 """Our ClientApp, acting out the fault the test ServerApp names in each message's config
-(``test-fault``): ``malformed`` (nodes 1-3 corrupt their replies in every way the server must
+(``test-fault``): ``malformed`` (nodes 1-4 corrupt their replies in every way the server must
 reject), ``huge`` (node 0 sends its update scaled up 1000 times: finite and well-formed, the
 kind only a robust aggregator keeps out), ``slow`` (every node answers after the phase timed
 out), or none (honest)."""
@@ -18,7 +18,8 @@ from fedmergenet.flower.wire import wire_mod
 
 app = ClientApp()
 
-# Node 0 stays honest so every round has one sound update; nodes 1-3 cycle through these.
+# Node 0 stays honest so every round has one sound update; nodes 1-4 cycle through these,
+# all eight in two rounds.
 MALFORMED = ["nan", "inf", "missing", "extra", "shape", "dtype", "zero-examples", "huge-examples"]
 SCALE = 1000.0
 SLOW_S = 5.0
@@ -47,7 +48,7 @@ def corrupt(state: dict[str, torch.Tensor], examples: int, fault: str) -> tuple[
 
 def malformed(msg: Message, reply: Message, partition: int) -> Message:
     server_round = int(msg.content["config"]["server-round"])
-    fault = MALFORMED[((server_round - 1) * 3 + partition - 1) % len(MALFORMED)]
+    fault = MALFORMED[((server_round - 1) * 4 + partition - 1) % len(MALFORMED)]
     state = reply.content["arrays"].to_torch_state_dict()
     examples = int(reply.content["metrics"]["num-examples"])
     state, examples = corrupt(state, examples, fault)
@@ -72,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     if fault == "slow":
         time.sleep(SLOW_S)
     reply = honest.train(msg, context)
-    if fault == "malformed" and 1 <= partition <= 3:
+    if fault == "malformed" and 1 <= partition <= 4:
         return malformed(msg, reply, partition)
     if fault == "huge" and partition == 0:
         return scaled(msg, reply)
