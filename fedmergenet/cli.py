@@ -147,8 +147,9 @@ def runner_parser() -> argparse.ArgumentParser:
                         help="seeds for --suite (default: --seed and the next one, the fewest that give a spread "
                              "over seeds; the report pairs arms by seed)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="--suite: arms run side by side, each its own process (default 1: one at a time; "
-                             "on a GPU that one arm leaves mostly idle, 3)")
+                        help="--suite: arms run side by side, each its own process (default 1: one at a time); "
+                             "on a GPU this overlaps start-ups and evaluation, not training, which one arm's "
+                             "recorded step already keeps the card busy with")
     parser.add_argument("--central", action="store_true", help="run the single-machine baseline instead")
     parser.add_argument("--cotrain-teacher", action="store_true", help="central MergeNet: train the teacher alongside, as the original")
     parser.add_argument("--pretrain-teacher", action="store_true", help="only pretrain the teacher checkpoint")

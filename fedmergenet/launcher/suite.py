@@ -6,8 +6,9 @@ beats its placebo by more than the spread over seeds (see report.teacher_credit)
 
 The arms are independent once the teacher exists, so the suite runs them as separate
 processes of the runner script, ``jobs`` at a time: one at a time they take this terminal,
-side by side (a GPU that one arm leaves mostly idle) each writes its own log. How the wall
-time split goes to ``<root>/timing.json``.
+side by side each writes its own log (on a GPU that overlaps start-ups and evaluation; one
+arm's recorded training step already keeps the card busy). How the wall time split goes to
+``<root>/timing.json``.
 """
 
 from __future__ import annotations
