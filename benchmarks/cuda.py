@@ -14,7 +14,7 @@ from fedmergenet.data.splits import test_loader
 from fedmergenet.models import initial_student
 from fedmergenet.training import evaluate
 
-from .measure import Settings, client_throughput, fusion_step, median, timed
+from .measure import Settings, client_throughput, fusion_step, interleaved, median, timed
 
 CUDA = torch.device("cuda")
 
@@ -51,11 +51,9 @@ def evaluation(settings: Settings) -> dict[str, Any]:
         loader = test_loader(cfg, CUDA)
         evaluate(model, loader, CUDA)  # warm-up, as the next line
         images = plain_eval(model, loader)
-        # Interleaved, and ten times the repeats: a pass over the test set takes a fraction of a second.
-        ours_s, plain_s = [], []
-        for _ in range(settings.repeats * 10):
-            ours_s.append(timed(lambda: evaluate(model, loader, CUDA)))
-            plain_s.append(timed(lambda: plain_eval(model, loader)))
+        # Ten times the repeats: a pass over the test set takes a fraction of a second.
+        ours_s, plain_s = interleaved(settings.repeats * 10, lambda: timed(lambda: evaluate(model, loader, CUDA)),
+                                      lambda: timed(lambda: plain_eval(model, loader)))
         ours, plain = median(ours_s), median(plain_s)
         figures[str(batch)] = {"images": images, "ours_images_per_s": images / ours,
                                "plain_images_per_s": images / plain, "ratio": plain / ours, "samples": len(ours_s)}

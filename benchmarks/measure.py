@@ -50,6 +50,16 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(samples: int, *measures: Callable[[], Any]) -> list[list[Any]]:
+    """Each measure's results over ``samples`` rounds, taking one of each per round, so drift
+    in the machine's clocks weighs on all alike."""
+    results: list[list[Any]] = [[] for _ in measures]
+    for _ in range(samples):
+        for result, measure in zip(results, measures):
+            result.append(measure())
+    return results
+
+
 def throughput_config(settings: Settings) -> RunConfig:
     """The quick preset's client: Fashion-MNIST, batch 32, one local epoch on one partition."""
     return RunConfig(dataset="fashion-mnist", train_limit=64 if settings.tiny else 600, test_limit=32,
@@ -154,12 +164,8 @@ def fusion_step(settings: Settings, num_classes: int = 10, device: str = "cpu") 
         return forward_s, backward_s
 
     ours(), bare()
-    # Interleaved, so drift in the machine's clocks weighs on both alike; on a GPU a step takes
-    # milliseconds, and three of them are noise: ten times as many samples there.
-    ours_runs, bare_runs = [], []
-    for _ in range(settings.repeats * (10 if unit.device.type == "cuda" else 1)):
-        ours_runs.append(ours())
-        bare_runs.append(bare())
+    # On a GPU a step takes milliseconds, and three of them are noise: ten times as many there.
+    ours_runs, bare_runs = interleaved(settings.repeats * (10 if unit.device.type == "cuda" else 1), ours, bare)
     ours_total = median([a + b for a, b in ours_runs])
     bare_total = median([a + b for a, b in bare_runs])
     return {
