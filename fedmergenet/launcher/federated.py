@@ -44,12 +44,17 @@ def record_partitions(cfg: RunConfig, out: Path, echo: bool = True) -> None:
 FLOWER_COMPLETED = "finished:completed"
 
 
+def summary_or_empty(run: RunConfig) -> dict:
+    """An arm's summary, or {} when its ServerApp never wrote a readable one."""
+    try:
+        return read_summary(Path(run.output_dir))
+    except ValueError:
+        return {}
+
+
 def arms_completed(cfg: RunConfig) -> bool:
     """Whether every arm's summary says completed: our ServerApp writes it as its last act."""
-    try:
-        return all(read_summary(Path(run.output_dir)).get("status") == "completed" for run in cfg.arm_runs())
-    except ValueError:
-        return False
+    return all(summary_or_empty(run).get("status") == "completed" for run in cfg.arm_runs())
 
 
 def final_status(cfg: RunConfig, connection: str, run_id: int, env: dict[str, str]) -> str:
@@ -61,10 +66,7 @@ def final_status(cfg: RunConfig, connection: str, run_id: int, env: dict[str, st
 def finish(cfg: RunConfig, status: str, log_path: Path) -> Path:
     """The output folder, once Flower reports the run completed and so does each arm's summary."""
     for run in cfg.arm_runs():
-        try:
-            summary = read_summary(Path(run.output_dir))
-        except ValueError:
-            summary = {}
+        summary = summary_or_empty(run)
         if status != FLOWER_COMPLETED or summary.get("status") != "completed":
             reason = summary.get("error") or (f"Flower reports the run as {status}"
                                               if summary or status != FLOWER_COMPLETED
