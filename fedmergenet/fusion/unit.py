@@ -264,7 +264,7 @@ class KnowledgeFusionUnit:
         must reuse them (another iteration would give a different output): eval mode of the
         norm only, for that one forward."""
         norms = [module.parametrizations for module in self.adapter.modules()
-                 if frozen and parametrize.is_parametrized(module)]
+                 if parametrize.is_parametrized(module)] if frozen else []
         for norm in norms:
             norm.eval()
         try:
