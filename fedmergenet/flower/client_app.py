@@ -20,9 +20,9 @@ from ..config import RunConfig
 from ..training import evaluate as evaluate_model
 from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn,
                         train_epoch)
-from ..data.splits import client_data
+from ..data.splits import ClientData, client_data
 from ..models import new_student
-from .task import as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
+from .task import STATISTICS, as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
 from .wire import wire_mod
 
 app = ClientApp()
@@ -69,9 +69,15 @@ def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         return call_next(msg, context)
     dtypes: dict = {}
 
+    statistics: dict[str, ArrayRecord] = {}
+
     def train_as_float(msg: Message, context: Context) -> Message:
         reply = call_next(msg, context)
         if not reply.has_error():
+            # Flower's mod clips a reply of one ArrayRecord: the BatchNorm statistics of the model
+            # received (STATISTICS) are not part of the update and wait outside.
+            if STATISTICS in reply.content.array_records:
+                statistics[STATISTICS] = reply.content.pop(STATISTICS)
             dtypes.update({name: np.dtype(array.dtype) for name, array in reply.content["arrays"].items()})
             reply.content["arrays"] = as_float(scalars_from(reply.content["arrays"], msg.content["arrays"]))
         return reply
@@ -79,6 +85,7 @@ def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     reply = fixedclipping_mod(msg, context, train_as_float)
     if not reply.has_error():
         reply.content["arrays"] = with_dtypes(reply.content["arrays"], dtypes)
+        reply.content.update(statistics)
     return reply
 
 
@@ -90,6 +97,12 @@ def train(msg: Message, context: Context) -> Message:
     model = new_student(cfg)
     load_arrays(model, msg.content["arrays"])
     model.to(device)
+    content = RecordDict()
+    if bool(config.get("recalibrate-bn", False)):
+        # The server evaluates the model it sent once these statistics arrive: one message (and,
+        # in deployment, one ClientApp process) a round instead of a train and an evaluate phase.
+        # Training in train mode never reads running statistics, so the update is unchanged.
+        content[STATISTICS] = ArrayRecord(recomputed_statistics(cfg, model, partition_id, num_partitions, device))
     start = time.perf_counter()
     # FedProx sends its mu with every train message, as Flower's FedProx documents.
     loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device,
@@ -99,29 +112,40 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": num_train,
         "train-seconds": time.perf_counter() - start,
     })
-    content = RecordDict({"arrays": ArrayRecord(model.cpu().state_dict()), "metrics": metrics})
+    if STATISTICS in content:
+        metrics["train-examples"] = num_train  # the statistics' weight when the server pools them
+    content["arrays"] = ArrayRecord(model.cpu().state_dict())
+    content["metrics"] = metrics
     return Message(content=content, reply_to=msg)
+
+
+def recomputed_statistics(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
+                          device: torch.device, data: ClientData | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s BatchNorm statistics recomputed on the local training split, always over the
+    same batches (round seed 0) whichever phase asks; the model keeps them."""
+    data = data or client_data(cfg, partition_id, num_partitions, device=device)
+    recalibrate_bn(model, data.train, device)
+    return bn_statistics(model)
 
 
 @app.evaluate(mods=[wire_mod])
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the local validation split; when the server asks, first
-    recompute its BatchNorm statistics on the local training split and send them back."""
+    """Evaluate the global model on the local validation split (unless the server says
+    ``local-eval`` false); when the server asks, first recompute its BatchNorm statistics on the
+    local training split and send them back."""
     cfg, partition_id, num_partitions, device = _setup(msg, context)
     model = new_student(cfg)
     load_arrays(model, msg.content["arrays"])
     model.to(device)
     data = client_data(cfg, partition_id, num_partitions, device=device)
+    config = msg.content["config"]
     content = RecordDict()
-    if bool(msg.content["config"].get("recalibrate-bn", False)):
-        recalibrate_bn(model, data.train, device)
-        content["bn"] = ArrayRecord(bn_statistics(model))
-    result = evaluate_model(model, data.val, device)
-    content["metrics"] = MetricRecord({
-        "eval-loss": result.loss,
-        "eval-top1": result.top1,
-        "eval-top5": result.top5,
-        "num-examples": max(result.examples, 1),
-        "train-examples": data.num_train,
-    })
+    if bool(config.get("recalibrate-bn", False)):
+        content[STATISTICS] = ArrayRecord(recomputed_statistics(cfg, model, partition_id, num_partitions, device, data))
+    metrics = MetricRecord({"num-examples": max(data.num_val, 1), "train-examples": data.num_train})
+    if bool(config.get("local-eval", True)):  # off when only the server's evaluation is read
+        result = evaluate_model(model, data.val, device)
+        metrics.update({"eval-loss": result.loss, "eval-top1": result.top1, "eval-top5": result.top5,
+                        "num-examples": max(result.examples, 1)})
+    content["metrics"] = metrics
     return Message(content=content, reply_to=msg)

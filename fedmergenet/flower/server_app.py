@@ -97,7 +97,8 @@ class FederatedRun:
 
     # --- per round --------------------------------------------------------------------
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """After each round (and for round 0): evaluate the global model, record, save the state."""
+        """After each round's BatchNorm recalibration (and for round 0): evaluate the global
+        model, record, save the state."""
         load_arrays(self.student, arrays)
         self.student.to(self.device)
         start = time.perf_counter()
@@ -110,9 +111,11 @@ class FederatedRun:
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
             save_torch(self.out / "best_model.pt", self.student.state_dict())
-        self.states.save(self.state(server_round, arrays))  # lands while the next round trains
+        self.states.save(self.state(server_round, arrays))  # written in the background while the run goes on
         write_summary(self.out, self.summary(status="running"))
-        return MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
+        metrics = MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
+        log(INFO, "Round %s evaluate (server): %s", server_round, metrics)
+        return metrics
 
     def row(self, server_round: int, result, log_: RoundLog) -> dict:
         status = "initial" if server_round == 0 else "ok"
@@ -211,30 +214,52 @@ class FederatedRun:
     def rounds(self, grid: Grid, arrays: ArrayRecord, first: int) -> ArrayRecord:
         """The round loop, rounds ``first``..``rounds`` (a resumed run starts after its last
         completed round). Each round: clients train, the strategy screens, aggregates and fuses;
-        clients recompute BatchNorm statistics (and evaluate); the server evaluates and saves."""
+        clients recompute BatchNorm statistics (and evaluate); the server evaluates and saves.
+
+        When only the server evaluates (``skip_federated_eval``), the clients recompute a round's
+        statistics at the start of the next round's training, in the same message, and the round
+        is evaluated then: each round costs one message per client instead of two (in deployment,
+        one ClientApp process). The last round's statistics come from an evaluate phase."""
         strategy, timeout = self.strategy, self.cfg.round_timeout
         log(INFO, "Starting %s over %s, rounds %s..%s", type(strategy).__name__, type(strategy.base).__name__,
             first, self.cfg.rounds)
         strategy.summary()
         if first == 1:
             self.evaluate_round(0, arrays)
+        unevaluated: int | None = None  # the round whose model awaits statistics from this train phase
         for server_round in range(first, self.cfg.rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
-            train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs})
+            train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
+                                         "recalibrate-bn": unevaluated is not None})
             replies = wire.send_and_receive(grid, strategy.configure_train(server_round, arrays, train_config, grid),
                                             timeout=timeout)
+            if unevaluated is not None:  # before this round's adapter update, which the saved state must not hold
+                strategy.recalibrate(unevaluated, replies, arrays)
+                self.evaluate_round(unevaluated, arrays)
             aggregated, metrics = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:  # otherwise the round keeps the global model
                 arrays = aggregated
                 log(INFO, "Round %s train: %s", server_round, metrics)
-            replies = wire.send_and_receive(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                            timeout=timeout)
-            metrics = strategy.aggregate_evaluate(server_round, replies)  # pools BatchNorm statistics into arrays
-            if metrics is not None:
-                log(INFO, "Round %s evaluate (clients): %s", server_round, metrics)
-            result = self.evaluate_round(server_round, arrays)
-            log(INFO, "Round %s evaluate (server): %s", server_round, result)
+            if self.folds_recalibration and server_round < self.cfg.rounds:
+                unevaluated = server_round
+            else:
+                self.evaluate_phase(grid, server_round, arrays)
         return arrays
+
+    @property
+    def folds_recalibration(self) -> bool:
+        return self.cfg.skip_federated_eval and self.cfg.recalibrate_bn
+
+    def evaluate_phase(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
+        """Clients recompute the BatchNorm statistics (and evaluate, unless only the server
+        does); the strategy pools them into ``arrays``; the server evaluates and saves."""
+        config = ConfigRecord({"local-eval": not self.cfg.skip_federated_eval})
+        replies = wire.send_and_receive(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid),
+                                        timeout=self.cfg.round_timeout)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            log(INFO, "Round %s evaluate (clients): %s", server_round, metrics)
+        self.evaluate_round(server_round, arrays)
 
 
 @app.main()

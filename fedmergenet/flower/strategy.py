@@ -12,9 +12,11 @@ training took that layer. ``FedMergeNet`` is the fusion over FedAvg.
    ``stage6.2.residual.6.weight`` is replaced by the adapter's fused layer. Every other
    tensor, BatchNorm buffers included, passes through untouched.
 
-Then the evaluate phase (``recalibrate_bn``): the clients recompute the new global model's
-BatchNorm statistics on their training data and ``aggregate_evaluate`` pools them into it,
-before the server evaluates it and sends it into the next round.
+Then BatchNorm recalibration (``recalibrate_bn``): the clients recompute the new global
+model's BatchNorm statistics on their training data and ``recalibrate`` pools them into it,
+before the server evaluates it. They do so in the evaluate phase, or, when the server asks
+(``recalibrate-bn`` in the train config), at the start of the next round's training, whose
+replies then carry the statistics of the model they were sent next to their update.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from flwr.serverapp.strategy import (
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
-from .task import as_float, record_bytes, scalars_from
+from .task import STATISTICS, as_float, record_bytes, scalars_from
 from .wire import wire_error
 
 
@@ -131,16 +133,17 @@ def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) ->
 
 
 def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
-    """Why an evaluate reply's BatchNorm statistics must not be pooled, or None when sound."""
+    """Why a reply's BatchNorm statistics must not be pooled, or None when sound."""
     content = msg.content
     if (reason := wire_error(msg)) is not None:
         return reason
-    if "bn" not in content.array_records or len(content.metric_records) != 1:
+    if STATISTICS not in content.array_records or len(content.metric_records) != 1:
         return "no BatchNorm statistics"
     bn_spec = {name: s for name, s in spec.items() if name.endswith(("running_mean", "running_var"))}
+    statistics = content[STATISTICS]
     reason = (check_count(next(iter(content.metric_records.values())), "train-examples", max_examples)
-              or check_arrays(content["bn"], bn_spec))
-    if reason is None and any((content["bn"][name].numpy() < 0).any() for name in bn_spec if name.endswith("var")):
+              or check_arrays(statistics, bn_spec))
+    if reason is None and any((statistics[name].numpy() < 0).any() for name in bn_spec if name.endswith("var")):
         return "a running variance is negative"
     return reason
 
@@ -181,6 +184,7 @@ class MergeNetFusion(Strategy):
         self.rounds: dict[int, RoundLog] = {}
         self.private = privatised(strategy)
         self._sent: ArrayRecord | None = None  # the global model this round's clients trained from
+        self._statistics_asked = False  # whether this round's train replies carry BatchNorm statistics
 
     @property
     def base(self) -> Strategy:
@@ -225,6 +229,7 @@ class MergeNetFusion(Strategy):
             # recalibration the clients train from a different model, and the step must start there.
             base.current_arrays = arrays
         self._sent = arrays
+        self._statistics_asked = bool(config.get("recalibrate-bn", False))
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
         log_.sampled_train = len(messages)
@@ -266,6 +271,8 @@ class MergeNetFusion(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log_ = self.round_log(server_round)
+        if self._statistics_asked:  # pooled into the model sent (recalibrate); the update is the rest
+            replies = [without_statistics(msg) for msg in replies]
         sound = self.screen_replies(server_round, replies)
         start = time.perf_counter()
         if self.private and self._sent is not None:  # see task.scalars_from
@@ -327,12 +334,13 @@ class MergeNetFusion(Strategy):
         log_.evaluate_metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         log_.evaluate_metrics["replies"] = float(sum(not m.has_error() for m in replies))
         if self.recalibrate_bn and self._evaluated is not None:
-            log_.bn_recalibrated = self.recalibrate(server_round, replies, self._evaluated)
+            self.recalibrate(server_round, replies, self._evaluated)
         return metrics
 
     def recalibrate(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> int:
-        """Pool the clients' recomputed BatchNorm statistics into ``arrays``; returns how many
-        clients contributed. Replies without sound statistics are left out, with a warning."""
+        """Pool the clients' recomputed BatchNorm statistics into ``arrays``, round
+        ``server_round``'s global model; returns (and logs for the round) how many clients
+        contributed. Replies without sound statistics are left out, with a warning."""
         stats, weights = [], []
         for msg in replies:
             if msg.has_error():
@@ -342,11 +350,12 @@ class MergeNetFusion(Strategy):
                 log(WARNING, "Round %s: BatchNorm statistics of node %s left out: %s",
                     server_round, msg.metadata.src_node_id, reason)
                 continue
-            stats.append(msg.content["bn"].to_torch_state_dict())
+            stats.append(msg.content[STATISTICS].to_torch_state_dict())
             weights.append(float(next(iter(msg.content.metric_records.values()))["train-examples"]))
         if stats:
             for name, tensor in pool_bn_statistics(stats, weights).items():
                 arrays[name] = Array(tensor.numpy())
+        self.round_log(server_round).bn_recalibrated = len(stats)
         return len(stats)
 
 
@@ -382,6 +391,13 @@ def privatised(strategy: Strategy) -> bool:
     dp = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyClientSideFixedClipping,
           DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyClientSideAdaptiveClipping)
     return any(isinstance(s, dp) for s in wrapped(strategy))
+
+
+def without_statistics(msg: Message) -> Message:
+    """The train reply without the BatchNorm statistics it carried, in place."""
+    if not msg.has_error():
+        msg.content.pop(STATISTICS, None)
+    return msg
 
 
 def map_arrays(msg: Message, change: Callable[[ArrayRecord], ArrayRecord]) -> Message:

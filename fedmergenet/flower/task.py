@@ -22,6 +22,10 @@ from flwr.supercore.utils import get_flwr_home
 
 from ..config import PROJECT_ROOT, RunConfig
 
+# The ArrayRecord of a reply that carries the BatchNorm statistics a client recomputed for the
+# global model it was sent (an evaluate reply, or a train reply when the server asks).
+STATISTICS = "bn"
+
 
 def run_config(context: Context) -> RunConfig:
     """The run's options, relative paths resolved against the app's folder (app_root)."""

@@ -1,0 +1,83 @@
+"""The ServerApp's round loop against the real ClientApp, delivered in this process: where each
+round's BatchNorm recalibration travels changes the number of messages, never the results.
+(Flower's runtimes carry the same messages in test_e2e.py and test_reliability.py.)"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from fedmergenet.config import RunConfig
+from fedmergenet.flower import client_app
+from fedmergenet.flower.server_app import FederatedRun
+from fedmergenet.results import read_metrics
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "task_identity"),
+              pytest.mark.skipif(not FASHION.is_dir(), reason="needs dataset-fashion-mnist")]
+
+
+class InProcessGrid:
+    """The part of Flower's Grid the round loop uses, handing every message (a copy, as a
+    transport would) to the ClientApp of its node in this process and keeping the reply."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=cfg.to_run_config(),
+                          node_config={"partition-id": node - 1, "num-partitions": cfg.num_clients, "device": "cpu"})
+            for node in range(1, cfg.num_clients + 1)}
+        self.replies: dict[str, Message] = {}
+        self.sent: Counter[str] = Counter()  # messages by type
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
+            self.sent[msg.metadata.message_type] += 1
+            reply = client_app.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
+            self.replies[msg.metadata.message_id] = copy.deepcopy(reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+
+def run(tmp_path: Path, **options) -> tuple[list[dict], Counter[str]]:
+    cfg = RunConfig(dataset="fashion-mnist", train_limit=48, test_limit=32, rounds=2, local_epochs=1, num_clients=2,
+                    batch_size=16,
+                    fusion_start_round=1, adapter_layers=1, random_teacher=True, device="cpu", server_device="cpu",
+                    output_dir=str(tmp_path), **options)
+    grid = InProcessGrid(cfg)
+    FederatedRun(cfg).run(grid)
+    return read_metrics(tmp_path), grid.sent
+
+
+def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_as_an_evaluate_phase_does(
+        tmp_path: Path) -> None:
+    phases, phases_sent = run(tmp_path / "phases", skip_federated_eval=False)
+    folded, folded_sent = run(tmp_path / "folded", skip_federated_eval=True)
+
+    assert phases_sent == {"train": 4, "evaluate": 4}
+    assert folded_sent == {"train": 4, "evaluate": 2}  # one evaluate phase, for the last round
+    assert [r["round"] for r in folded] == [r["round"] for r in phases] == [0, 1, 2]
+    assert [r["bn_recalibrated"] for r in folded] == [r["bn_recalibrated"] for r in phases] == [0, 2, 2]
+    assert [r["fusion_applied"] for r in folded] == [0, 1, 1]
+    assert [r["adapter_learned"] for r in folded] == [r["adapter_learned"] for r in phases] == [0, 0, 1]
+    for a, b in zip(phases, folded):  # the same models, evaluated with the same statistics
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-6, abs=1e-9), a["round"]
+        assert b["test_top1"] == a["test_top1"]
+        assert b["train_loss"] == a["train_loss"]
+        assert b["adapter_loss"] == a["adapter_loss"]
+    # Only the server evaluates when told to skip the clients' evaluation: they do not either.
+    assert all(r["fed_eval_top1"] is None for r in folded)
+    assert all(r["fed_eval_top1"] is not None for r in phases[1:])
