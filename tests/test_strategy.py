@@ -21,7 +21,7 @@ from fedmergenet.errors import ConfigError
 from fedmergenet.flower.aggregation import build_strategy, describe
 from fedmergenet.flower.client_app import client_dp
 from fedmergenet.flower.server_app import sampling
-from fedmergenet.flower.strategy import FedMergeNet, MergeNetFusion, spec_of
+from fedmergenet.flower.strategy import FedMergeNet, MergeNetFusion, in_content_order, spec_of
 from fedmergenet.fusion import KnowledgeFusionUnit
 from fedmergenet.models import STUDENT_LAYER, build_student
 from fedmergenet.training import Proximal, make_optimizer, train_epoch
@@ -91,7 +91,7 @@ def test_without_fusion_the_result_is_flowers_fedavg_exactly(base_state):
     replies = sound_replies(base_state)
     strategy = FedMergeNet(spec=spec_of(base_state))
     arrays, metrics = strategy.aggregate_train(1, iter(replies))  # replies may arrive as a generator
-    assert differing(as_numpy(arrays), fedavg(replies)) == []
+    assert differing(as_numpy(arrays), fedavg(in_content_order(replies))) == []
     assert list(arrays.keys()) == list(base_state.keys())
     assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
     assert metrics["fusion-applied"] == 0 and metrics["rejected-replies"] == 0
@@ -301,8 +301,9 @@ def two_rounds(strategy, base_state: dict[str, torch.Tensor]) -> list[dict[str, 
     for server_round, seeds in ((1, (1, 2, 3)), (2, (4, 5, 6))):
         list(strategy.configure_train(server_round, arrays, ConfigRecord(), Nodes()))
         np.random.seed(server_round)  # the DP wrappers draw their noise from numpy's global generator
-        arrays, _ = strategy.aggregate_train(server_round, sound_replies(base_state, seeds=seeds,
-                                                                          examples=(10, 20, 30)))
+        # In the order the wrapper aggregates them, so that Flower's bare strategy sums alike.
+        replies = in_content_order(sound_replies(base_state, seeds=seeds, examples=(10, 20, 30)))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
         results.append({name: array.numpy() for name, array in arrays.items()})
     return results
 
@@ -431,3 +432,31 @@ def test_a_bad_combination_exits_2_from_the_runner_and_the_server_script_before_
     assert main(["--strategy", "bulyan", "--byzantine", "1", "--num-clients", "5"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bulyan" in errors[0]
+
+
+# --- order ------------------------------------------------------------------------------------
+
+
+def test_the_aggregate_and_the_pooled_statistics_do_not_depend_on_the_order_replies_arrive_in(base_state):
+    """Float sums depend on their order; a seeded run gives the same numbers whichever client
+    answers first."""
+    names = [k for k in base_state if k.endswith(("running_mean", "running_var"))]
+    clients = ((1, 10), (2, 30), (3, 20))  # seed, examples
+
+    def arriving(order: tuple[int, ...]) -> tuple[list[Message], list[Message]]:
+        updates = sound_replies(base_state, seeds=[s for s, _ in clients], examples=[n for _, n in clients])
+        states = [client_state(base_state, s) for s, _ in clients]
+        stats = [evaluate_reply({k: state[k].abs() for k in names}, n, 100 + s)
+                 for state, (s, n) in zip(states, clients)]
+        return [updates[i] for i in order], [stats[i] for i in order]
+
+    results = []
+    for order in ((0, 1, 2), (2, 1, 0), (1, 2, 0)):
+        updates, stats = arriving(order)
+        strategy = FedMergeNet(spec=spec_of(base_state), recalibrate_bn=True)
+        arrays, _ = strategy.aggregate_train(1, updates)
+        assert strategy.recalibrate(1, stats, arrays) == 3
+        results.append(as_numpy(arrays))
+    assert differing(results[0], results[1]) == differing(results[0], results[2]) == []
+    # Flower's FedAvg alone sums in arrival order, and the last bits show it.
+    assert differing(fedavg(arriving((0, 1, 2))[0]), fedavg(arriving((2, 1, 0))[0])) != []

@@ -273,7 +273,7 @@ class MergeNetFusion(Strategy):
         log_ = self.round_log(server_round)
         if self._statistics_asked:  # pooled into the model sent (recalibrate); the update is the rest
             replies = [without_statistics(msg) for msg in replies]
-        sound = self.screen_replies(server_round, replies)
+        sound = in_content_order(self.screen_replies(server_round, replies))
         start = time.perf_counter()
         if self.private and self._sent is not None:  # see task.scalars_from
             sound = [map_arrays(msg, lambda record: scalars_from(record, self._sent)) for msg in sound]
@@ -341,17 +341,19 @@ class MergeNetFusion(Strategy):
         """Pool the clients' recomputed BatchNorm statistics into ``arrays``, round
         ``server_round``'s global model; returns (and logs for the round) how many clients
         contributed. Replies without sound statistics are left out, with a warning."""
-        stats, weights = [], []
+        sound = []
         for msg in replies:
             if msg.has_error():
                 continue
             reason = check_statistics(msg, self.spec, self.max_examples)
-            if reason is not None:
+            if reason is None:
+                sound.append(msg)
+            else:
                 log(WARNING, "Round %s: BatchNorm statistics of node %s left out: %s",
                     server_round, msg.metadata.src_node_id, reason)
-                continue
-            stats.append(msg.content[STATISTICS].to_torch_state_dict())
-            weights.append(float(next(iter(msg.content.metric_records.values()))["train-examples"]))
+        sound = in_content_order(sound, STATISTICS)
+        stats = [msg.content[STATISTICS].to_torch_state_dict() for msg in sound]
+        weights = [float(next(iter(msg.content.metric_records.values()))["train-examples"]) for msg in sound]
         if stats:
             for name, tensor in pool_bn_statistics(stats, weights).items():
                 arrays[name] = Array(tensor.numpy())
@@ -391,6 +393,17 @@ def privatised(strategy: Strategy) -> bool:
     dp = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyClientSideFixedClipping,
           DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyClientSideAdaptiveClipping)
     return any(isinstance(s, dp) for s in wrapped(strategy))
+
+
+def in_content_order(replies: list[Message], key: str | None = None) -> list[Message]:
+    """The replies in an order set by what they carry (the first tensor of their ArrayRecord
+    ``key``, or of their only one), not by when they arrived: sums of floats depend on their
+    order, and a seeded run must give the same numbers every time it runs."""
+    def content(msg: Message) -> tuple[float, int]:
+        record = msg.content[key] if key in msg.content.array_records else next(iter(msg.content.array_records.values()))
+        first = next(iter(record.values())).numpy()
+        return float(first.sum(dtype=np.float64)), msg.metadata.src_node_id
+    return sorted(replies, key=content)
 
 
 def without_statistics(msg: Message) -> Message:
