@@ -68,7 +68,6 @@ def client_dp(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if KEY_CLIPPING_NORM not in msg.content["config"]:
         return call_next(msg, context)
     dtypes: dict = {}
-
     statistics: dict[str, ArrayRecord] = {}
 
     def train_as_float(msg: Message, context: Context) -> Message:
