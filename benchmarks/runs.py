@@ -100,8 +100,10 @@ class MemorySampler:
 
 
 def round_walls(rows: list[dict]) -> list[float]:
-    """Seconds each round took, from the ServerApp's own clock in metrics.jsonl."""
-    return [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])]
+    """Seconds each round took, from the ServerApp's own clock in metrics.jsonl: from its train
+    messages going out to the next round's, the last round to its evaluation."""
+    starts = [r["round_start_s"] for r in rows[1:]] + [rows[-1]["wall_time_s"]]
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def overhead_config(settings: Settings) -> RunConfig:

@@ -78,6 +78,10 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
         assert b["test_top1"] == a["test_top1"]
         assert b["train_loss"] == a["train_loss"]
         assert b["adapter_loss"] == a["adapter_loss"]
+    # Each round starts after the one before, and its row is written after it starts.
+    starts = [r["round_start_s"] for r in folded[1:]]
+    assert starts == sorted(starts) and all(r["round_start_s"] < r["wall_time_s"] for r in folded[1:])
+    assert folded[0]["round_start_s"] is None
     # Only the server evaluates when told to skip the clients' evaluation: they do not either.
     assert all(r["fed_eval_top1"] is None for r in folded)
     assert all(r["fed_eval_top1"] is not None for r in phases[1:])

@@ -126,6 +126,9 @@ class FederatedRun:
             epoch_equiv=server_round * self.cfg.local_epochs, top1=result.top1, top5=result.top5, loss=result.loss,
             wall_time_s=time.time() - self.start,
             round=server_round,
+            # A round's row is written once its BatchNorm statistics are in, which may be during
+            # the next round: its own span runs from this start to the next round's.
+            round_start_s=log_.started_s,
             train_loss=train_loss,
             fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
             fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),
@@ -229,6 +232,7 @@ class FederatedRun:
         unevaluated: int | None = None  # the round whose model awaits statistics from this train phase
         for server_round in range(first, self.cfg.rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
+            strategy.round_log(server_round).started_s = time.time() - self.start
             train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
                                          "recalibrate-bn": unevaluated is not None})
             replies = wire.send_and_receive(grid, strategy.configure_train(server_round, arrays, train_config, grid),

@@ -58,6 +58,7 @@ class NodeWaitTimeout(RuntimeError):
 class RoundLog:
     """What happened in one round, gathered for the round's metrics row."""
 
+    started_s: float | None = None  # run time when the round's train messages went out
     sampled_train: int = 0
     sampled_evaluate: int = 0
     replies: int = 0
