@@ -264,9 +264,10 @@ def scale_section(data: dict[str, Any]) -> list[str]:
     return [
         "## 3 Scale: clients per round",
         "",
-        f"{points[0]['clients']} clients in the simulation engine (24 images each, IID), two rounds, one CPU per "
-        "client as the runner uses (so as many Ray actors as cores); round 2 is the steady state and includes "
-        "one fusion.",
+        f"{points[0]['clients']} clients in the simulation engine (24 images each, IID), three rounds, one CPU per "
+        "client as the runner uses (so as many Ray actors as cores); round 2 is the steady state (round 1 also "
+        "starts the actors' ClientApps, round 3 also has the evaluate phase for its BatchNorm statistics) and "
+        "includes one fusion.",
         "",
         *_table(["clients per round", "round 2 (s)", "round 1 (s)", "replies", "fusion (ms)", "Ray actors",
                  "peak actor RSS", "machine memory added"], rows),
