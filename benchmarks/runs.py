@@ -198,9 +198,8 @@ def scale(settings: Settings) -> list[dict[str, Any]]:
             total = time.perf_counter() - start
         rows = read_metrics(Path(cfg.output_dir))
         walls = round_walls(rows)
-        steady = rows[2] if len(rows) > 2 else rows[-1]
+        steady = min(2, cfg.rounds)  # round 2 of 3; a tiny run's only round
         results.append({"clients": cfg.num_clients, "per_round": per_round, "first_round_s": walls[0],
-                        "round_s": walls[1] if len(walls) > 1 else walls[0], "replies": steady["replies"],
-                        "fusion_ms": steady["fusion_ms"],
-                        "run_s": total, "memory": memory.report()})
+                        "round_s": walls[steady - 1], "replies": rows[steady]["replies"],
+                        "fusion_ms": rows[steady]["fusion_ms"], "run_s": total, "memory": memory.report()})
     return results
