@@ -444,8 +444,8 @@ def test_the_aggregate_and_the_pooled_statistics_do_not_depend_on_the_order_repl
     clients = ((1, 10), (2, 30), (3, 20))  # seed, examples
 
     def arriving(order: tuple[int, ...]) -> tuple[list[Message], list[Message]]:
-        updates = sound_replies(base_state, seeds=[s for s, _ in clients], examples=[n for _, n in clients])
         states = [client_state(base_state, s) for s, _ in clients]
+        updates = [train_reply(state, n, node_id=100 + s, loss=float(s)) for state, (s, n) in zip(states, clients)]
         stats = [evaluate_reply({k: state[k].abs() for k in names}, n, 100 + s)
                  for state, (s, n) in zip(states, clients)]
         return [updates[i] for i in order], [stats[i] for i in order]
