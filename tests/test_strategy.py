@@ -20,6 +20,7 @@ from fedmergenet.config import STRATEGIES, AdapterConfig, RunConfig, validate
 from fedmergenet.errors import ConfigError
 from fedmergenet.flower.aggregation import build_strategy, describe
 from fedmergenet.flower.client_app import client_dp
+from fedmergenet.flower import server_app
 from fedmergenet.flower.server_app import sampling
 from fedmergenet.flower.strategy import FedMergeNet, MergeNetFusion, in_content_order, spec_of
 from fedmergenet.fusion import KnowledgeFusionUnit
@@ -432,6 +433,19 @@ def test_a_bad_combination_exits_2_from_the_runner_and_the_server_script_before_
     assert main(["--strategy", "bulyan", "--byzantine", "1", "--num-clients", "5"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bulyan" in errors[0]
+
+
+def test_a_flwr_run_of_several_arms_checks_every_teacher_before_the_first_arm_trains(tmp_path, caplog):
+    """A plain ``flwr run`` starts the ServerApp without the runner's checks: the plain arm
+    needs no teacher, but the MergeNet arm after it does, so nothing may train before that fails."""
+    cfg = RunConfig(dataset="fashion-mnist", train_limit=48, test_limit=32, fusion_arms="plain mergenet",
+                    teacher_checkpoint=str(tmp_path / "missing.pt"), output_dir=str(tmp_path / "out"))
+    context = Context(run_id=1, node_id=0, state=RecordDict(), run_config=cfg.to_run_config(), node_config={})
+    with pytest.raises(SystemExit) as stopped:
+        server_app.main(None, context)  # fails before it would ask the grid for anything
+    assert stopped.value.code == 2
+    assert "missing.pt not found" in caplog.text
+    assert not (tmp_path / "out" / "plain").exists()
 
 
 # --- order ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, state_checksum
 from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics, summarize, write_summary
-from ..teacher import teacher_for_run
+from ..teacher import load_teacher, teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .aggregation import build_strategy, describe
 from .state import ServerState, StateWriter, load_state
@@ -271,10 +271,23 @@ def main(grid: Grid, context: Context) -> None:
     cfg = run_config(context)
     if cfg.random_teacher:
         log(WARNING, "Using a random teacher: results are a smoke test, not a MergeNet result")
-    for arm_cfg in cfg.arm_runs():  # several arms share the nodes (and the simulation's start-up)
-        try:
-            run = FederatedRun(arm_cfg)
-        except UserError as exc:
-            log(ERROR, "error: %s", exc)
-            raise SystemExit(2) from None
-        run.run(grid)
+    arms = cfg.arm_runs()  # several arms share the nodes (and the simulation's start-up)
+    try:
+        check_arms(arms)
+        for arm_cfg in arms:
+            FederatedRun(arm_cfg).run(grid)
+    except UserError as exc:
+        log(ERROR, "error: %s", exc)
+        raise SystemExit(2) from None
+
+
+def check_arms(arms: list[RunConfig]) -> None:
+    """Every arm's options and teacher checkpoint before the first arm trains: a bad value for
+    a later arm must not cost the arms before it (each arm loads its teacher again as it starts)."""
+    teachers = {}
+    for arm in arms:
+        validate(arm)
+        if arm.fusion and not arm.random_teacher:
+            teachers[arm.teacher_path()] = arm
+    for path, arm in teachers.items():
+        load_teacher(path, dataset=arm.dataset, num_classes=train_set(arm).num_classes)
