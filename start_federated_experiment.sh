@@ -32,7 +32,8 @@ Subcommands (extra ARGS are passed on to the Python entry point):
   bench [ARGS]        benchmarks, writes BENCHMARKS.md: python -m benchmarks [--tiny]
   setup               create (or reuse) the virtual environment and exit; then
                       'source .venv/bin/activate && flwr run .' runs the quick experiment
-  test [ARGS]         create (or reuse) the virtual environment and run the tests (pytest -q)
+  test [ARGS]         create (or reuse) the virtual environment and run the tests: all of them
+                      (unit level in parallel, then the end-to-end runs), or pytest -q ARGS
   help, -h, --help    show this text
 
 Without a subcommand an interactive menu is shown (stdin must be a terminal).
@@ -207,6 +208,12 @@ case "$cmd" in
         ;;
     test)
         ensure_venv
+        if [ $# -eq 0 ]; then
+            # Everything: the unit level on one worker per core, then the end-to-end runs one
+            # after another (two Flower runtimes side by side thrash on 2 cores).
+            "$PY" -m pytest -q -n auto -m "not slow" || exit $?
+            exec "$PY" -m pytest -q -m slow
+        fi
         exec "$PY" -m pytest -q "$@"
         ;;
     *) usage_error "unknown subcommand '$cmd'" ;;
