@@ -11,12 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedmergenet.config import RunConfig
 from fedmergenet.flower import client_app
 from fedmergenet.flower.server_app import FederatedRun
-from fedmergenet.results import read_metrics
+from fedmergenet.results import read_metrics, read_summary
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "task_identity"),
@@ -52,12 +53,19 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
-def run(tmp_path: Path, **options) -> tuple[list[dict], Counter[str]]:
+class DepartingGrid(InProcessGrid):
+    """Every node leaves once it has answered the first train phase."""
+
+    def get_node_ids(self) -> list[int]:
+        return [] if self.sent["train"] else super().get_node_ids()
+
+
+def run(tmp_path: Path, grid_type: type[InProcessGrid] = InProcessGrid, **options) -> tuple[list[dict], Counter[str]]:
     cfg = RunConfig(dataset="fashion-mnist", train_limit=48, test_limit=32, rounds=2, local_epochs=1, num_clients=2,
                     batch_size=16,
                     fusion_start_round=1, adapter_layers=1, random_teacher=True, device="cpu", server_device="cpu",
                     output_dir=str(tmp_path), **options)
-    grid = InProcessGrid(cfg)
+    grid = grid_type(cfg)
     FederatedRun(cfg).run(grid)
     return read_metrics(tmp_path), grid.sent
 
@@ -85,3 +93,15 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     # Only the server evaluates when told to skip the clients' evaluation: they do not either.
     assert all(r["fed_eval_top1"] is None for r in folded)
     assert all(r["fed_eval_top1"] is not None for r in phases[1:])
+
+
+def test_a_run_stopped_waiting_for_nodes_keeps_the_round_whose_statistics_were_still_to_come(tmp_path: Path) -> None:
+    """Round 1's statistics would ride with round 2's train messages, but no node is left to
+    send them to: round 1 is still evaluated (with the aggregate's own statistics) and saved."""
+    rows, sent = run(tmp_path, DepartingGrid, skip_federated_eval=True, node_wait_timeout=1.0)
+
+    assert sent == {"train": 2}
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["bn_recalibrated"] == 0 and rows[1]["fusion_applied"] == 1
+    assert read_summary(tmp_path)["status"] == "stopped"
+    assert torch.load(tmp_path / "server_state.pt", weights_only=True)["round"] == 1  # a resume starts at round 2

@@ -235,8 +235,14 @@ class FederatedRun:
             strategy.round_log(server_round).started_s = time.time() - self.start
             train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
                                          "recalibrate-bn": unevaluated is not None})
-            replies = wire.send_and_receive(grid, strategy.configure_train(server_round, arrays, train_config, grid),
-                                            timeout=timeout)
+            try:
+                messages = strategy.configure_train(server_round, arrays, train_config, grid)
+            except NodeWaitTimeout:
+                if unevaluated is not None:  # its statistics will not come: the results so far still hold it
+                    strategy.recalibrate(unevaluated, [], arrays)
+                    self.evaluate_round(unevaluated, arrays)
+                raise
+            replies = wire.send_and_receive(grid, messages, timeout=timeout)
             if unevaluated is not None:  # before this round's adapter update, which the saved state must not hold
                 strategy.recalibrate(unevaluated, replies, arrays)
                 self.evaluate_round(unevaluated, arrays)
