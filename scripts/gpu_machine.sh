@@ -6,7 +6,7 @@
 #
 # Flower's wheels and Ray go to .site/ (on PYTHONPATH and PATH for COMMAND), Fashion-MNIST to
 # data/fashion-mnist/ as the gz files the project reads. For example:
-#   bash scripts/gpu_machine.sh -- python run_federated_mergenet.py --suite --preset gpu --seeds 0
+#   bash scripts/gpu_machine.sh -- python3 run_federated_mergenet.py --suite --preset gpu --seeds 0
 set -euo pipefail
 
 PACK=.gpu-pack
