@@ -5,6 +5,7 @@ models, resumable state)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -290,7 +291,7 @@ def main(grid: Grid, context: Context) -> None:
 def check_arms(arms: list[RunConfig]) -> None:
     """Every arm's options and teacher checkpoint before the first arm trains: a bad value for
     a later arm must not cost the arms before it (each arm loads its teacher again as it starts)."""
-    teachers = {}
+    teachers: dict[Path, RunConfig] = {}
     for arm in arms:
         validate(arm)
         if arm.fusion and not arm.random_teacher:
