@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from logging import ERROR, INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -240,13 +240,11 @@ class FederatedRun:
                 messages = strategy.configure_train(server_round, arrays, train_config, grid)
             except NodeWaitTimeout:
                 if unevaluated is not None:  # its statistics will not come: the results so far still hold it
-                    strategy.recalibrate(unevaluated, [], arrays)
-                    self.evaluate_round(unevaluated, arrays)
+                    self.evaluate_recalibrated(unevaluated, [], arrays)
                 raise
             replies = wire.send_and_receive(grid, messages, timeout=timeout)
             if unevaluated is not None:  # before this round's adapter update, which the saved state must not hold
-                strategy.recalibrate(unevaluated, replies, arrays)
-                self.evaluate_round(unevaluated, arrays)
+                self.evaluate_recalibrated(unevaluated, replies, arrays)
             aggregated, metrics = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:  # otherwise the round keeps the global model
                 arrays = aggregated
@@ -260,6 +258,12 @@ class FederatedRun:
     @property
     def folds_recalibration(self) -> bool:
         return self.cfg.skip_federated_eval and self.cfg.recalibrate_bn
+
+    def evaluate_recalibrated(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
+        """Round ``server_round``'s model with the BatchNorm statistics that the train ``replies``
+        carried pooled into it (with none, the aggregate's own), evaluated and saved."""
+        self.strategy.recalibrate(server_round, replies, arrays)
+        self.evaluate_round(server_round, arrays)
 
     def evaluate_phase(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
         """Clients recompute the BatchNorm statistics (and evaluate, unless only the server
