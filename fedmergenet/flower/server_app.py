@@ -5,8 +5,8 @@ models, resumable state)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.common import log
