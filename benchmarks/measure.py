@@ -85,11 +85,12 @@ def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False
 
 
 def client_throughput(settings: Settings, device: torch.device = torch.device("cpu"),
-                      cfg: RunConfig | None = None) -> dict[str, Any]:
+                      cfg: RunConfig | None = None, compiled: bool = False) -> dict[str, Any]:
     """1a: the ClientApp's local training (our loop, loader, schedule) against the plain loop,
     on the same device, threads and batches (same partition and round seed). Ours runs with
     its fast path (channels_last; on CUDA also the recorded step) and without it (the layout
-    the plain loop uses, eager); on CUDA also in channels_last but eager."""
+    the plain loop uses, eager); on CUDA also in channels_last but eager, and with ``compiled``
+    also with ``--compile``."""
     cfg = cfg or throughput_config(settings)
     start_state = initial_student(cfg).state_dict()
     images = client_data(cfg, 0, cfg.num_clients).num_train
@@ -100,10 +101,11 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
         model.to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    def ours(round_seed: int, memory_format: torch.memory_format | None = None, capture: bool | None = None) -> float:
+    def ours(round_seed: int, memory_format: torch.memory_format | None = None, capture: bool | None = None,
+             compile_step: bool = False) -> float:
         model = fresh()
-        return timed(lambda: local_train(cfg, model, 0, cfg.num_clients, round_seed, device,
-                                         memory_format=memory_format, capture=capture))
+        return timed(lambda: local_train(cfg.replace(compile=compile_step), model, 0, cfg.num_clients, round_seed,
+                                         device, memory_format=memory_format, capture=capture))
 
     def plain(round_seed: int, channels_last: bool = False) -> float:
         loader = client_data(cfg, 0, cfg.num_clients, round_seed=round_seed, device=device).train
@@ -118,8 +120,10 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
     }
     if device.type == "cuda":
         variants["ours_eager"] = lambda seed: ours(seed, capture=False)
-    for measure_once in variants.values():
-        measure_once(1)  # warm-up: first-call allocations and kernel selection
+        if compiled:
+            variants["ours_compiled"] = lambda seed: ours(seed, compile_step=True)
+    # Warm-up: first-call allocations and kernel selection, and torch.compile's compilation.
+    first_s = {name: measure_once(1) for name, measure_once in variants.items()}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(settings.repeats):
         # Rotate the order so drift in machine load does not favour one variant.
@@ -135,6 +139,7 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
         "ratio": per_s["ours"] / per_s["plain"],
         "ratio_without_fast_path": per_s["ours_without_fast_path"] / per_s["plain"],
         "ratio_same_layout": per_s["ours"] / per_s["plain_channels_last"],
+        "first_epoch_s": first_s,
     }
 
 

@@ -304,11 +304,18 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
         rows = [["plain PyTorch (data on the GPU)", ips["plain"]], ["plain PyTorch, channels_last", ips["plain_channels_last"]],
                 ["ours, eager, default layout", ips["ours_without_fast_path"]], ["ours, eager, channels_last", ips["ours_eager"]],
                 ["**ours** (channels_last, recorded step)", ips["ours"]]]
+        if "ours_compiled" in ips:
+            rows.append(["ours with `--compile` (torch.compile's step, recorded)", ips["ours_compiled"]])
         lines += [f"### 4a A client's local epoch, batch {batch}", "",
                   f"`local_train` on one partition of full Fashion-MNIST ({t['images_per_epoch']:,} images; recording "
                   "and warm-up steps counted) against the plain loop over the same device batches:", "",
                   *_table(["loop", "images/s", "vs plain"],
                           [[name, f"{value:,.0f}", f"{value / ips['plain']:.2f}"] for name, value in rows]), ""]
+        if "ours_compiled" in ips:
+            first = t["first_epoch_s"]["ours_compiled"]
+            lines += [f"With `--compile` the process's first epoch took {first:.1f} s (the compilation, paid "
+                      f"once per process), against {t['images_per_epoch'] / ips['ours_compiled']:.2f} s for each "
+                      "later one.", ""]
     if c["training"]["128"]["images_per_s"]["ours"] < 15_000:
         lines += ["Below the 15,000 images/s target at batch 128: each local epoch pays, besides its replays, the "
                   "partition's upload, an eager warm-up step, the recording and the allocation of the graph's "

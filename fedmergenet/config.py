@@ -137,6 +137,8 @@ class RunConfig:
     server_device: str = opt("auto", "device of the fusion and the server's evaluation: cpu, cuda or auto")
     client_threads: int = opt(
         0, "torch threads per client; 0 = torch's default (simulation sets its CPUs per client)")
+    compile: bool = opt(False, "CUDA: torch.compile the student's training step (Inductor), replayed in the recorded "
+                               "step; compiled once per process")
     round_timeout: float = opt(3600.0, "seconds a train/evaluate phase may take")
     node_wait_timeout: float = opt(300.0, "seconds to wait for the minimum of clients")
     eval_batch_size: int = opt(256, "batch size of evaluation")

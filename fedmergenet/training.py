@@ -83,6 +83,7 @@ def train_epoch(
     memory_format: torch.memory_format | None = None,
     proximal: Proximal | None = None,
     capture: bool | None = None,
+    compile_backend: str | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss per example (the data's
     cross-entropy: a ``proximal`` term shapes the gradient but is not reported).
@@ -92,14 +93,18 @@ def train_epoch(
     Python launching its kernels. ``capture=False`` keeps the eager loop. Hooks still run
     eagerly between replays, but a recording freezes the optimiser's settings, so with hooks
     the step is recorded only if ``capture`` is True: the caller vouches that its hooks change
-    tensors in place (``copy_`` into a weight) and never a setting such as the learning rate."""
+    tensors in place (``copy_`` into a weight) and never a setting such as the learning rate.
+
+    ``compile_backend`` (see ``step_compiler``) runs full batches through ``torch.compile`` of
+    the model, inside the recording on CUDA; a last partial batch stays eager, so a second
+    batch shape never triggers a recompilation."""
     memory_format = memory_format or TRAINING_MEMORY_FORMAT
     hooked = before_step is not None or after_step is not None
     capture = device.type == "cuda" and (capture if capture is not None else not hooked)
     model.to(memory_format=memory_format)
     try:
         return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,
-                            proximal, capture)
+                            proximal, capture, compile_backend)
     finally:
         # Weights leave in the ordinary layout: what travels and what is saved never depends on this.
         model.to(memory_format=torch.contiguous_format)
@@ -162,9 +167,15 @@ def _on_side_stream(step: _Step, images: torch.Tensor, labels: torch.Tensor) -> 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                  desc: str, before_step: BatchHook | None, after_step: BatchHook | None, progress: bool | None,
-                 memory_format: torch.memory_format, proximal: Proximal | None, capture: bool) -> float:
+                 memory_format: torch.memory_format, proximal: Proximal | None, capture: bool,
+                 compile_backend: str | None) -> float:
     model.train()
-    step_fn = _Step(model, optimizer, proximal)
+    eager_step = _Step(model, optimizer, proximal)
+    # Compiled code is cached per process on the model's class, not on this wrapper: a new model
+    # of the same architecture (every round, every client) reuses it. Static shapes: a run has one
+    # batch size, and a kernel for any batch size would be slower.
+    full_step = (_Step(torch.compile(model, backend=compile_backend, dynamic=False), optimizer, proximal)
+                 if compile_backend else eager_step)
     captured: _CapturedStep | None = None
     total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
     total, full_batch = 0, 0
@@ -177,6 +188,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         full_batch = full_batch or len(labels)
         if before_step is not None:
             before_step(step, images, labels)
+        step_fn = full_step if len(labels) == full_batch else eager_step
         if capture and captured is None and step >= CAPTURE_WARMUP_STEPS and len(labels) == full_batch:
             captured = _CapturedStep(step_fn, images, labels)
         if captured is not None and captured.fits(labels):
@@ -254,6 +266,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def step_compiler(compile_step: bool, device: torch.device) -> str | None:
+    """The ``torch.compile`` backend of the student's training step: Inductor on CUDA when a run
+    asks for it (``--compile``). On the CPU the eager channels_last step stays: Inductor there
+    needs a C++ toolchain and compiles for minutes on few cores."""
+    return "inductor" if compile_step and device.type == "cuda" else None
 
 
 def pick_device(requested: str) -> torch.device:

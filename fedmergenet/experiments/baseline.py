@@ -22,7 +22,8 @@ from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student
 from ..results import append_metrics, metrics_row, read_metrics, summarize, write_summary
 from ..teacher import teacher_for_run
-from ..training import evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, train_epoch
+from ..training import (evaluate, make_optimizer, make_scheduler, pick_device, seed_everything, step_compiler,
+                        train_epoch)
 
 
 def union_of_client_data(cfg: RunConfig) -> np.ndarray:
@@ -121,7 +122,7 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
         # capture: the fusion hooks write the layer in place, which a recorded step reads as it replays.
         loss = train_epoch(model, loader, optimizer, device, desc=f"{arm} epoch {epoch}/{epochs}",
                            before_step=hooks.before if hooks else None, after_step=hooks.after if hooks else None,
-                           capture=True)
+                           capture=True, compile_backend=step_compiler(cfg.compile, device))
         scheduler.step()
         fusion = hooks.end_epoch() if hooks else {}
         result = evaluate(model, tests, device)

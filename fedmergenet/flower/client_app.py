@@ -19,7 +19,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from ..config import RunConfig
 from ..training import evaluate as evaluate_model
 from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn,
-                        train_epoch)
+                        step_compiler, train_epoch)
 from ..data.splits import ClientData, client_data
 from ..models import new_student
 from .task import STATISTICS, as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
@@ -56,7 +56,7 @@ def local_train(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_p
     for epoch in range(cfg.local_epochs):
         desc = f"client {partition_id} round {server_round} epoch {epoch + 1}/{cfg.local_epochs}"
         loss = train_epoch(model, data.train, optimizer, device, desc=desc, memory_format=memory_format,
-                           proximal=proximal, capture=capture)
+                           proximal=proximal, capture=capture, compile_backend=step_compiler(cfg.compile, device))
         scheduler.step()
     return loss, data.num_train
 
