@@ -227,11 +227,33 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     return EvalResult(loss=loss_sum / total, top1=correct1 / total, top5=correct5 / total, examples=total)
 
 
-def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
-    """Recompute every BatchNorm's running statistics as exact averages over ``loader``
-    (torch's update_bn from SWA, Izmailov et al. 2018): after weights are averaged, the
-    averaged running statistics no longer describe the averaged model's activations."""
-    torch.optim.swa_utils.update_bn(loader, model, device)
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device) -> None:
+    """Recompute every BatchNorm's running statistics as exact averages over ``loader``'s
+    batches, as torch's ``update_bn`` from SWA (Izmailov et al. 2018) does: after weights are
+    averaged, the averaged running statistics no longer describe the averaged model's activations.
+
+    ``update_bn`` gets the average from momentum None, for which every BatchNorm reads its batch
+    counter back from the device (1 / num_batches_tracked) on every batch: a GPU waits on the host
+    once per layer per batch. Batch k's momentum 1 / k, set from the host, is the same average."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [bn.momentum for bn in norms]
+    was_training = model.training
+    for bn in norms:
+        bn.reset_running_stats()
+    model.train()
+    try:
+        for k, batch in enumerate(loader, start=1):
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            for bn in norms:
+                bn.momentum = 1.0 / k
+            model(images.to(device, non_blocking=True))
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -90,6 +90,11 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     starts = [r["round_start_s"] for r in folded[1:]]
     assert starts == sorted(starts) and all(r["round_start_s"] < r["wall_time_s"] for r in folded[1:])
     assert folded[0]["round_start_s"] is None
+    # The slowest client's own training time: what a round's span is measured against.
+    assert all(0 < r["slowest_client_train_s"] < r["wall_time_s"] - r["round_start_s"] for r in folded[1:])
+    assert folded[0]["slowest_client_train_s"] is None
+    # Round 1's clients start from the initial model, whose statistics need no recomputing.
+    assert folded[1]["slowest_client_recalibrate_s"] < 0.01 < folded[2]["slowest_client_recalibrate_s"]
     # Only the server evaluates when told to skip the clients' evaluation: they do not either.
     assert all(r["fed_eval_top1"] is None for r in folded)
     assert all(r["fed_eval_top1"] is not None for r in phases[1:])

@@ -110,6 +110,44 @@ def test_recalibrated_batchnorm_statistics_are_the_datas_exact_moments():
     assert torch.allclose(stats["1.running_var"], outputs.var(dim=1), rtol=1e-3)
 
 
+def test_recalibration_gives_torchs_update_bn_statistics_and_restores_the_model():
+    """The real student's recalibrated statistics and batch counters are those of torch's
+    update_bn on the same batches; momenta and the training flag are left as they were."""
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    batches = DataLoader(tiny_batch(n=40), batch_size=16)  # 16, 16, 8
+
+    def recalibrated(recalibrate) -> torch.nn.Module:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        model.eval()
+        recalibrate(model)
+        return model
+
+    ours = recalibrated(lambda m: recalibrate_bn(m, batches, CPU))
+    torchs = recalibrated(lambda m: torch.optim.swa_utils.update_bn(batches, m, CPU))
+    for name, tensor in torchs.state_dict().items():
+        assert torch.allclose(ours.state_dict()[name], tensor, rtol=1e-5, atol=1e-7), name
+    assert not ours.training
+    assert {m.momentum for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recalibration_on_the_gpu_never_waits_on_the_host():
+    """On a GPU (skipped elsewhere): recomputing the statistics launches its batches without a
+    single device-to-host synchronisation (update_bn synchronises once per BatchNorm per batch)."""
+    cuda = torch.device("cuda")
+    model = build_student(num_classes=10).to(cuda)
+    images = [torch.randn(32, 3, 32, 32, device=cuda) for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        recalibrate_bn(model, images, cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t).all() for t in bn_statistics(model).values())
+
+
 def test_pooled_statistics_are_those_of_the_union_of_the_clients_data():
     """Two clients' means and variances, pooled by their sizes, equal the moments of their union."""
     g = torch.Generator().manual_seed(0)

@@ -97,11 +97,13 @@ def train(msg: Message, context: Context) -> Message:
     load_arrays(model, msg.content["arrays"])
     model.to(device)
     content = RecordDict()
+    start = time.perf_counter()
     if bool(config.get("recalibrate-bn", False)):
         # The server evaluates the model it sent once these statistics arrive: one message (and,
         # in deployment, one ClientApp process) a round instead of a train and an evaluate phase.
         # Training in train mode never reads running statistics, so the update is unchanged.
         content[STATISTICS] = ArrayRecord(recomputed_statistics(cfg, model, partition_id, num_partitions, device))
+    recalibrate_seconds = time.perf_counter() - start
     start = time.perf_counter()
     # FedProx sends its mu with every train message, as Flower's FedProx documents.
     loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device,
@@ -110,6 +112,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": loss,
         "num-examples": num_train,
         "train-seconds": time.perf_counter() - start,
+        "recalibrate-seconds": recalibrate_seconds,
     })
     if STATISTICS in content:
         metrics["train-examples"] = num_train  # the statistics' weight when the server pools them

@@ -130,6 +130,8 @@ class FederatedRun:
             # A round's row is written once its BatchNorm statistics are in, which may be during
             # the next round: its own span runs from this start to the next round's.
             round_start_s=log_.started_s,
+            slowest_client_train_s=log_.slowest_train_s,
+            slowest_client_recalibrate_s=log_.slowest_recalibrate_s,
             train_loss=train_loss,
             fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
             fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),

@@ -79,6 +79,10 @@ class RoundLog:
     bytes_down: int = 0
     bytes_up: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
+    # The slowest sound reply's own training time (a round's span over it is the round's
+    # overhead) and its slowest recomputation of BatchNorm statistics, which comes first.
+    slowest_train_s: float | None = None
+    slowest_recalibrate_s: float | None = None
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -119,6 +123,12 @@ def check_arrays(arrays: ArrayRecord, spec: dict[str, TensorSpec]) -> str | None
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"{name} contains NaN or Inf"
     return None
+
+
+def slowest(replies: list[Message], key: str) -> float | None:
+    """The largest of the sound train replies' own timings ``key`` (in their one MetricRecord)."""
+    records = (next(iter(msg.content.metric_records.values())) for msg in replies)
+    return max((float(record[key]) for record in records if key in record), default=None)
 
 
 def check_reply(msg: Message, spec: dict[str, TensorSpec], max_examples: int) -> str | None:
@@ -275,6 +285,8 @@ class MergeNetFusion(Strategy):
         if self._statistics_asked:  # pooled into the model sent (recalibrate); the update is the rest
             replies = [without_statistics(msg) for msg in replies]
         sound = in_content_order(self.screen_replies(server_round, replies))
+        log_.slowest_train_s = slowest(sound, "train-seconds")
+        log_.slowest_recalibrate_s = slowest(sound, "recalibrate-seconds")
         start = time.perf_counter()
         if self.private and self._sent is not None:  # see task.scalars_from
             sound = [map_arrays(msg, lambda record: scalars_from(record, self._sent)) for msg in sound]
