@@ -183,13 +183,15 @@ def rows_written(out: Path) -> int:
 def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_file: Path) -> None:
     out = tmp_path / "run"
     # Fusion from round 1, so the adapter learns in round 2: after the resume.
-    first = _runner(*tiny_flags(teacher_file, out, rounds=2), "--num-clients", "2", "--fusion-start-round", "1")
+    first = _runner(*tiny_flags(teacher_file, out, rounds=3), "--num-clients", "2", "--fusion-start-round", "1")
     try:
         deadline = time.monotonic() + 300
-        while rows_written(out) < 2:  # rounds 0 and 1 are done
+        # Round 1's row is written once round 2's train replies bring its statistics; round 2's
+        # row waits for round 3's training, so the stop below lands before it.
+        while rows_written(out) < 2:
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
             time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGTERM)  # the server goes down mid round 2
+        os.killpg(first.pid, signal.SIGTERM)  # the server goes down in round 2 or 3
         first.communicate(timeout=60)
     finally:
         if first.poll() is None:
@@ -201,8 +203,8 @@ def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_f
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output[-3000:]
     rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]  # no gap, no duplicate
-    assert read_summary(out)["rounds"] == 2 and read_summary(out)["status"] == "completed"
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no gap, no duplicate
+    assert read_summary(out)["rounds"] == 3 and read_summary(out)["status"] == "completed"
     assert rows[1]["fusion_applied"] == 1
     assert rows[2]["adapter_learned"] == 1  # the adapter's state (and the fused layer in flight) survived
     final = torch.load(out / "final_model.pt", weights_only=True)
