@@ -207,6 +207,29 @@ def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s:
     }
 
 
+def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where a federated run's rounds spent their time, as medians over the rounds whose span is
+    known (a round spans from its train messages going out to the next round's): the span, the
+    slowest client's own training and BatchNorm recalibration, and the span over that training
+    (what is not training shows as the excess over 1). A resumed run's clock starts again, so
+    the round before a resume has no span."""
+    import statistics
+
+    timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])
+             if r.get("round_start_s") is not None and later.get("round_start_s") is not None
+             and r.get("slowest_client_train_s")]
+    timed = [(r, span) for r, span in timed if span > 0]
+    if not timed:
+        return None
+    return {
+        "rounds": len(timed),
+        "span_s": statistics.median(span for _, span in timed),
+        "slowest_train_s": statistics.median(r["slowest_client_train_s"] for r, _ in timed),
+        "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
+        "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
+    }
+
+
 def library_versions() -> dict[str, str]:
     """Versions that decide whether two runs are comparable (torch's with its build, such as
     +cu130). The others are read from their metadata: the central arms run without importing

@@ -375,3 +375,24 @@ def test_cli_prints_the_report_path_and_conclusion(results_dir: Path, tmp_path: 
     lines = done.stdout.splitlines()
     assert lines[0] == str(tmp_path / "out" / "report.md")
     assert lines[1].startswith("Best arm by mean final top-1: central_mergenet")
+
+
+def test_round_times_split_a_federated_runs_rounds_into_training_and_the_rest():
+    """A round spans from its train messages to the next round's. Here the first two rounds
+    span 9.5 s around 3.3 s of their slowest client's training (6 s of it recalibration), a
+    resume restarts the clock before round 3, and round 4's span is unknown: two rounds count."""
+    from fedmergenet.results import round_times
+
+    def row(n: int, start: float | None, train: float | None, recalibrate: float = 0.0) -> dict:
+        return {"round": n, "round_start_s": start, "slowest_client_train_s": train,
+                "slowest_client_recalibrate_s": recalibrate}
+
+    rows = [row(0, None, None), row(1, 10.0, 3.3, 6.0), row(2, 19.5, 3.3, 6.0), row(3, 29.0, 3.3, 6.0),
+            row(4, 2.0, 3.3, 6.0)]
+    times = round_times(rows)
+    assert times["rounds"] == 2
+    assert times["span_s"] == pytest.approx(9.5)
+    assert times["slowest_train_s"] == pytest.approx(3.3)
+    assert times["slowest_recalibrate_s"] == pytest.approx(6.0)
+    assert times["span_over_training"] == pytest.approx(9.5 / 3.3)
+    assert round_times(rows[:2]) is None  # no round's span is known yet

@@ -95,6 +95,7 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     assert folded[0]["slowest_client_train_s"] is None
     # Round 1's clients start from the initial model, whose statistics need no recomputing.
     assert folded[1]["slowest_client_recalibrate_s"] < 0.01 < folded[2]["slowest_client_recalibrate_s"]
+    assert read_summary(tmp_path / "folded")["round_times"]["rounds"] == 1  # round 2's span has no end
     # Only the server evaluates when told to skip the clients' evaluation: they do not either.
     assert all(r["fed_eval_top1"] is None for r in folded)
     assert all(r["fed_eval_top1"] is not None for r in phases[1:])

@@ -18,7 +18,8 @@ from ..data.splits import test_loader, train_set
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, state_checksum
-from ..results import append_metrics, metrics_row, read_metrics, rewrite_metrics, summarize, write_summary
+from ..results import (append_metrics, metrics_row, read_metrics, rewrite_metrics, round_times, summarize,
+                       write_summary)
 from ..teacher import load_teacher, teacher_for_run
 from ..training import evaluate, pick_device, seed_everything
 from .aggregation import build_strategy, describe
@@ -176,6 +177,7 @@ class FederatedRun:
             rounds_without_update=sum(r["round_status"] != "ok" for r in done),
             strategy=describe(self.cfg, self.strategy.strategy),
             adapter_parameters=self.fusion_unit.num_parameters if self.fusion_unit else 0,
+            round_times=round_times(rows),
         )
 
     # --- whole run ----------------------------------------------------------------------
