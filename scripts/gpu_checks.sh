@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU machine, after scripts/gpu_machine.sh has put Flower and Ray in place: the GPU
+# tests, then the gpu preset's suite for one seed with three arms side by side, stopped after
+# SUITE_SECONDS; the logs, metrics and summaries (no model files) go to OUT_DIR.
+#
+#   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
+#
+# For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
+set -u
+if [ "$#" -lt 1 ]; then
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+OUT_DIR="$1"
+SUITE_SECONDS="${2:-330}"
+shift $(( $# >= 2 ? 2 : 1 ))
+mkdir -p "$OUT_DIR"
+start=$(date +%s)
+step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/machine.txt"
+python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__)" \
+    | tee -a "$OUT_DIR/machine.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
+    > "$OUT_DIR/gpu_tests.log" 2>&1
+step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
+timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
+    --results-root results/gpu-checks "$@" > "$OUT_DIR/suite.log" 2>&1
+step "suite: exit $? (124: stopped after $SUITE_SECONDS s)"
+tar czf "$OUT_DIR/suite.tgz" --exclude='*.pt' results/gpu-checks
+python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
+import sys
+from pathlib import Path
+from fedmergenet.results import read_metrics, round_times
+for run in sorted(Path(sys.argv[1]).glob("seed*/*/metrics.jsonl")):
+    print(run.parent.name, round_times(read_metrics(run.parent)))
+PY
+step "done"
