@@ -6,6 +6,7 @@ model trains or is measured reaches every arm of a comparison at once.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -228,10 +229,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device) -> None:
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int = 0) -> None:
     """Recompute every BatchNorm's running statistics as exact averages over ``loader``'s
-    batches, as torch's ``update_bn`` from SWA (Izmailov et al. 2018) does: after weights are
-    averaged, the averaged running statistics no longer describe the averaged model's activations.
+    batches (its first ``max_batches`` when > 0), as torch's ``update_bn`` from SWA (Izmailov
+    et al. 2018) does: after weights are averaged, the averaged running statistics no longer
+    describe the averaged model's activations.
 
     ``update_bn`` gets the average from momentum None, for which every BatchNorm reads its batch
     counter back from the device (1 / num_batches_tracked) on every batch: a GPU waits on the host
@@ -245,7 +247,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device) -> 
         bn.reset_running_stats()
     model.train()
     try:
-        for k, batch in enumerate(loader, start=1):
+        batches = itertools.islice(loader, max_batches) if max_batches > 0 else loader
+        for k, batch in enumerate(batches, start=1):
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
             for bn in norms:
                 bn.momentum = 1.0 / k

@@ -132,6 +132,56 @@ def test_recalibration_gives_torchs_update_bn_statistics_and_restores_the_model(
     assert {m.momentum for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
+def test_recalibration_on_fewer_batches_gives_update_bns_statistics_of_those_batches():
+    """``max_batches`` (``--recalibrate-batches``): the statistics are update_bn's over the
+    loader's first batches only, which differ from those of the whole loader."""
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    data = tiny_batch(n=40)
+    first_two = DataLoader(TensorDataset(*(t[:32] for t in data.tensors)), batch_size=16)
+
+    def statistics(recalibrate) -> dict[str, torch.Tensor]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        recalibrate(model)
+        return bn_statistics(model)
+
+    ours = statistics(lambda m: recalibrate_bn(m, DataLoader(data, batch_size=16), CPU, max_batches=2))
+    torchs = statistics(lambda m: torch.optim.swa_utils.update_bn(first_two, m, CPU))
+    whole = statistics(lambda m: recalibrate_bn(m, DataLoader(data, batch_size=16), CPU))
+    assert all(torch.allclose(ours[name], torchs[name], rtol=1e-5, atol=1e-7) for name in torchs)
+    assert not all(torch.allclose(ours[name], whole[name], rtol=1e-3) for name in whole)
+
+
+def test_a_client_recalibrates_on_the_batches_its_run_config_names(tmp_path, monkeypatch):
+    """A client's statistics for the server come from the first ``recalibrate-batches`` batches
+    of its training split (the same batches every round), or from all of them by default."""
+    from fedmergenet.config import RunConfig
+    from fedmergenet.data.splits import client_data
+    from fedmergenet.flower.client_app import recomputed_statistics
+
+    monkeypatch.setenv("FEDMERGENET_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = RunConfig(dataset="fashion-mnist", data_dir=str(tmp_path), train_limit=120, batch_size=16)
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+
+    def statistics(recalibrate) -> dict[str, torch.Tensor]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        return recalibrate(model)
+
+    def by_hand(batches: int):
+        def recalibrate(model):
+            recalibrate_bn(model, list(client_data(cfg, 0, 2).train)[:batches], CPU)
+            return bn_statistics(model)
+        return recalibrate
+
+    two = statistics(lambda m: recomputed_statistics(cfg.replace(recalibrate_batches=2), m, 0, 2, CPU))
+    every = statistics(lambda m: recomputed_statistics(cfg, m, 0, 2, CPU))
+    for ours, expected in ((two, statistics(by_hand(2))), (every, statistics(by_hand(len(client_data(cfg, 0, 2).train))))):
+        assert all(torch.allclose(ours[name], expected[name], rtol=1e-5, atol=1e-7) for name in expected)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_recalibration_on_the_gpu_never_waits_on_the_host():
     """On a GPU (skipped elsewhere): recomputing the statistics launches its batches without a

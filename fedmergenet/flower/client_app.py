@@ -123,10 +123,11 @@ def train(msg: Message, context: Context) -> Message:
 
 def recomputed_statistics(cfg: RunConfig, model: torch.nn.Module, partition_id: int, num_partitions: int,
                           device: torch.device, data: ClientData | None = None) -> dict[str, torch.Tensor]:
-    """``model``'s BatchNorm statistics recomputed on the local training split, always over the
-    same batches (round seed 0) whichever phase asks; the model keeps them."""
+    """``model``'s BatchNorm statistics recomputed on the local training split (its first
+    ``recalibrate_batches`` batches when set), always over the same batches (round seed 0)
+    whichever phase asks; the model keeps them."""
     data = data or client_data(cfg, partition_id, num_partitions, device=device)
-    recalibrate_bn(model, data.train, device)
+    recalibrate_bn(model, data.train, device, max_batches=cfg.recalibrate_batches)
     return bn_statistics(model)
 
 
