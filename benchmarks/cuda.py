@@ -1,6 +1,6 @@
 """4: the GPU figures, on a machine with CUDA (``python -m benchmarks --cuda``): a client's
-local epoch on full Fashion-MNIST at batch 32 and 128, evaluation, and the fusion step, each
-against its plain reference on the same card."""
+local epoch on full Fashion-MNIST at batch 32 and 128, evaluation, the fusion step and a
+client's BatchNorm recalibration, each against its plain reference on the same card."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmergenet.config import RunConfig
-from fedmergenet.data.splits import test_loader
+from fedmergenet.config import RunConfig, apply_preset
+from fedmergenet.data.splits import client_data, test_loader
 from fedmergenet.models import initial_student
-from fedmergenet.training import evaluate
+from fedmergenet.training import evaluate, recalibrate_bn
 
 from .measure import Settings, client_throughput, fusion_step, interleaved, median, timed
 
@@ -62,9 +62,29 @@ def evaluation(settings: Settings) -> dict[str, Any]:
     return figures
 
 
+def recalibration(settings: Settings) -> dict[str, Any]:
+    """A client's BatchNorm recalibration on one partition (batch 128): torch's update_bn
+    against ours over the same batches, and ours over the first ``recalibrate-batches`` of the
+    gpu preset, beside that client's training epoch (4a)."""
+    cfg = training_config(settings, 128)
+    batches = apply_preset("gpu").recalibrate_batches
+    loader = client_data(cfg, 0, cfg.num_clients, device=CUDA).train
+    model = initial_student(cfg).to(CUDA)
+    variants = {"update_bn": lambda: torch.optim.swa_utils.update_bn(loader, model, CUDA),
+                "ours": lambda: recalibrate_bn(model, loader, CUDA),
+                "ours_preset": lambda: recalibrate_bn(model, loader, CUDA, max_batches=batches)}
+    for run in variants.values():
+        run()  # warm-up
+    seconds = interleaved(settings.repeats * 3, *(lambda run=run: timed(run) for run in variants.values()))
+    return {"images": client_data(cfg, 0, cfg.num_clients).num_train, "preset_batches": batches,
+            "batch_size": cfg.batch_size, "samples": len(seconds[0]),
+            "seconds": {name: median(values) for name, values in zip(variants, seconds)}}
+
+
 def measure(settings: Settings) -> dict[str, Any]:
     from tqdm import tqdm
 
     steps = {"training": lambda: training(settings), "evaluation": lambda: evaluation(settings),
-             "fusion": lambda: fusion_step(settings, device="cuda")}
+             "fusion": lambda: fusion_step(settings, device="cuda"),
+             "recalibration": lambda: recalibration(settings)}
     return {name: step() for name, step in tqdm(steps.items(), desc="CUDA benchmarks", unit="figure")}

@@ -334,7 +334,23 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
                                    ["our learn (backward, clipping, fused AdamW step, schedule)", f"{f['learn_ms']:.1f}"]]),
               "", f"Ratio: **{f['ratio']:.2f}x** the adapter's bare forward + backward"
               + (f" (medians of {f['samples']} interleaved samples)." if "samples" in f else "."), ""]
-    return lines
+    return lines + recalibration_lines(c)
+
+
+def recalibration_lines(c: dict[str, Any]) -> list[str]:
+    """4d, when the raw data has it (GPU runs before 2026-11-28 did not measure it)."""
+    if "recalibration" not in c:
+        return []
+    r, epoch = c["recalibration"], c["training"]["128"]
+    train_s = epoch["images_per_epoch"] / epoch["images_per_s"]["ours"]
+    rows = [["torch's `update_bn` (reads a counter back per BatchNorm per batch)", "all", r["seconds"]["update_bn"]],
+            ["**ours** (`recalibrate_bn`)", "all", r["seconds"]["ours"]],
+            ["ours, the gpu preset's `recalibrate-batches`", str(r["preset_batches"]), r["seconds"]["ours_preset"]]]
+    return ["### 4d BatchNorm recalibration", "",
+            f"A client's statistics for the server on one partition ({r['images']:,} images, batch "
+            f"{r['batch_size']}), against that client's training epoch at batch 128 ({train_s:.2f} s, 4a):", "",
+            *_table(["", "batches", "s", "vs training"],
+                    [[name, n, f"{s:.3f}", f"{s / train_s:.2f}"] for name, n, s in rows]), ""]
 
 
 def render(data: dict[str, Any]) -> str:
