@@ -64,7 +64,9 @@ def cuda_figures(ours_128: float, fusion_ratio: float) -> dict:
             "training": {"32": epoch(5000.0), "128": epoch(ours_128)},
             "evaluation": {"256": {"ours_images_per_s": 9e4, "plain_images_per_s": 1e5, "ratio": 0.9}},
             "fusion": {"ratio": fusion_ratio, "bare_forward_ms": 3.0, "bare_backward_ms": 6.0, "fuse_ms": 3.5,
-                       "learn_ms": 7.0}}
+                       "learn_ms": 7.0},
+            "recalibration": {"images": 18000, "preset_batches": 32, "batch_size": 128, "samples": 9,
+                              "seconds": {"update_bn": 2.25, "ours": 0.45, "ours_preset": 0.1125}}}
 
 
 def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() -> None:
@@ -77,6 +79,8 @@ def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() 
     text = "\n".join(cuda_section({"cuda": cuda_figures(16_000.0, 1.2)}))
     assert "NVIDIA H100 80GB HBM3" in text and "torch 2.11" in text
     assert "| **ours** (channels_last, recorded step) | 16,000 | 16.00 |" in text
+    # A recalibration set against the same client's training epoch: 18,000 images at 16,000 img/s.
+    assert "| ours, the gpu preset's `recalibrate-batches` | 32 | 0.113 | 0.10 |" in text
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
@@ -97,3 +101,48 @@ def test_a_run_without_a_gpu_keeps_the_gpu_figures_already_measured(tmp_path: Pa
     assert earlier_cuda(raw)["cuda"]["machine"]["gpu"] == "NVIDIA H100 80GB HBM3"
     raw.write_text("{not json")
     assert earlier_cuda(raw) == {}
+
+
+def test_the_recalibration_studys_statistics_over_n_batches_are_recalibrate_bns_over_them() -> None:
+    """The study keeps every batch's own statistics and averages N of them: what recalibrate_bn
+    (and torch's update_bn) computes over those N batches."""
+    import torch
+
+    from benchmarks.recalibration import averaged, batch_statistics
+    from fedmergenet.models import build_student
+    from fedmergenet.training import bn_statistics, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = build_student(num_classes=10)
+    batches = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)) for _ in range(3)]
+    per_batch = batch_statistics(model, batches)
+    recalibrate_bn(model, batches[:2], torch.device("cpu"))
+    expected = bn_statistics(model)
+    ours = averaged(per_batch[:2])
+    assert len(per_batch) == 3 and set(ours) == set(expected)
+    # Equal to float32 rounding: the study's forwards run in channels_last, recalibrate_bn's not.
+    assert all((ours[name] - expected[name]).norm() <= 1e-4 * expected[name].norm() for name in expected)
+
+
+def test_the_recalibration_study_refuses_zero_rounds_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.recalibration import main
+
+    assert main(["--rounds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --rounds must be at least 1 (got 0)"]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_recalibration_study_evaluates_each_batch_count_against_the_whole_split(tmp_path: Path) -> None:
+    out = tmp_path / "recalibration.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.recalibration", "--tiny", "--rounds", "1",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    whole = data["whole_split"]["batches"]
+    assert whole >= 5 and set(data["by_batches"]) == {str(n) for n in (2, 4, 8, 16, 32, 64) if n < whole}
+    for n, row in data["by_batches"].items():
+        assert len(row["draws"]) == min(4, whole // int(n))
+        assert all(0 <= d["top1"] <= 1 and 0 < d["stat_error"] < 1 for d in row["draws"])
+    assert 0 <= data["without_recalibration"]["top1"] <= 1 and data["setting"]["tiny"] is True
