@@ -6,9 +6,10 @@
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
+# The whole comparison (3 seeds) without the tests: TESTS=0 ... gpu_checks.sh out 560 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -21,9 +22,11 @@ step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt";
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/machine.txt"
 python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__)" \
     | tee -a "$OUT_DIR/machine.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
-    > "$OUT_DIR/gpu_tests.log" 2>&1
-step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
+if [ "${TESTS:-1}" != 0 ]; then
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
+        > "$OUT_DIR/gpu_tests.log" 2>&1
+    step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
+fi
 timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
     --results-root results/gpu-checks "$@" > "$OUT_DIR/suite.log" 2>&1
 step "suite: exit $? (124: stopped after $SUITE_SECONDS s)"
