@@ -182,31 +182,33 @@ def rows_written(out: Path) -> int:
 
 def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_file: Path) -> None:
     out = tmp_path / "run"
-    # Fusion from round 1, so the adapter learns in round 2: after the resume.
-    first = _runner(*tiny_flags(teacher_file, out, rounds=3), "--num-clients", "2", "--fusion-start-round", "1")
+    # Fusion from round 1, so the adapter learns in every later round: after the resume too.
+    first = _runner(*tiny_flags(teacher_file, out, rounds=4), "--num-clients", "2", "--fusion-start-round", "1")
     try:
         deadline = time.monotonic() + 300
-        # Round 1's row is written once round 2's train replies bring its statistics; round 2's
-        # row waits for round 3's training, so the stop below lands before it.
+        # Round 1's row is written once round 2's train replies bring its statistics.
         while rows_written(out) < 2:
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
-            time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGTERM)  # the server goes down in round 2 or 3
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGTERM)  # the server goes down in round 2, 3 or 4
         first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+    # How far the run got before the stop depends on how fast these tiny rounds are; a tiny
+    # round can finish while the signal is on its way, so any unfinished prefix will do.
     done_before = [r["round"] for r in read_metrics(out)]
-    assert done_before == [0, 1]
+    assert done_before == list(range(len(done_before))) and 2 <= len(done_before) <= 4, done_before
 
     second = _runner("--resume", str(out))
     output, _ = second.communicate(timeout=400)
     assert second.returncode == 0, output[-3000:]
     rows = read_metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]  # no gap, no duplicate
-    assert read_summary(out)["rounds"] == 3 and read_summary(out)["status"] == "completed"
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # no gap, no duplicate
+    assert read_summary(out)["rounds"] == 4 and read_summary(out)["status"] == "completed"
     assert rows[1]["fusion_applied"] == 1
-    assert rows[2]["adapter_learned"] == 1  # the adapter's state (and the fused layer in flight) survived
+    # The adapter's state (and the fused layer in flight) survived into the first resumed round.
+    assert rows[len(done_before)]["adapter_learned"] == 1
     final = torch.load(out / "final_model.pt", weights_only=True)
     assert final["stage6.2.residual.6.weight"].shape == (160, 960, 1, 1)
 
