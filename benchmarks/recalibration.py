@@ -116,34 +116,40 @@ def study(tiny: bool, rounds: int) -> dict[str, Any]:
     weights = [float(d.num_train) for d in data]
     test = test_loader(cfg)
     whole = pool_bn_statistics([averaged(batches) for batches in per_client], weights)
-    result: dict[str, Any] = {
+    return {
         "without_recalibration": evaluated(model, averaged_stats, test),
         "whole_split": evaluated(model, whole, test) | {"batches": min(len(b) for b in per_client)},
+        "by_batches": {str(n): row | {"images_per_client": n * cfg.batch_size}
+                       for n, row in by_batch_count(model, per_client, weights, whole, test).items()},
+        "setting": {
+            "training": {"train_limit": training_cfg.train_limit, "rounds": training_cfg.rounds,
+                         "lr": training_cfg.lr, "seconds": train_s},
+            "recalibration": {"dataset": cfg.dataset, "clients": cfg.num_clients, "batch_size": cfg.batch_size,
+                              "images_per_client": [d.num_train for d in data], "test_images": len(test.dataset)},
+            "tiny": tiny,
+        },
     }
-    by_count = {}
-    counts = [n for n in BATCH_COUNTS if n < min(len(b) for b in per_client)]
-    for n in tqdm(counts, desc="batch counts", leave=False):
+
+
+def by_batch_count(model: nn.Module, per_client: list[list[dict[str, torch.Tensor]]], weights: list[float],
+                   whole: dict[str, torch.Tensor], test) -> dict[int, dict[str, Any]]:
+    """For each batch count N below the shortest split: up to MAX_WINDOWS draws of N consecutive
+    batches per client, each pooled, evaluated and compared with the whole split's statistics."""
+    shortest = min(len(batches) for batches in per_client)
+    rows = {}
+    for n in tqdm([n for n in BATCH_COUNTS if n < shortest], desc="batch counts", leave=False):
         draws = []
-        for window in range(min(MAX_WINDOWS, min(len(b) for b in per_client) // n)):
+        for window in range(min(MAX_WINDOWS, shortest // n)):
             pooled = pool_bn_statistics([averaged(b[window * n:(window + 1) * n]) for b in per_client], weights)
             draws.append(evaluated(model, pooled, test) | {"stat_error": relative_error(pooled, whole)})
-        by_count[str(n)] = {
-            "images_per_client": n * cfg.batch_size,
+        rows[n] = {
             "draws": draws,
             "top1_mean": statistics.fmean(d["top1"] for d in draws),
             "top1_min": min(d["top1"] for d in draws),
             "top1_max": max(d["top1"] for d in draws),
             "stat_error_median": statistics.median(d["stat_error"] for d in draws),
         }
-    result["by_batches"] = by_count
-    result["setting"] = {
-        "training": {"train_limit": training_cfg.train_limit, "rounds": training_cfg.rounds,
-                     "lr": training_cfg.lr, "seconds": train_s},
-        "recalibration": {"dataset": cfg.dataset, "clients": cfg.num_clients, "batch_size": cfg.batch_size,
-                          "images_per_client": [d.num_train for d in data], "test_images": len(test.dataset)},
-        "tiny": tiny,
-    }
-    return result
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
