@@ -341,7 +341,7 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
 
 
 def recalibration_lines(c: dict[str, Any]) -> list[str]:
-    """4d, when the raw data has it (GPU runs before 2026-11-28 did not measure it)."""
+    """4d, when the raw data has it (older GPU runs did not measure it)."""
     if "recalibration" not in c:
         return []
     r, epoch = c["recalibration"], c["training"]["128"]

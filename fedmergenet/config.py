@@ -110,8 +110,8 @@ class RunConfig:
     recalibrate_bn: bool = opt(True, "keep the averaged BatchNorm statistics (plain FedAvg) instead of having the "
                                      "clients recompute them for the averaged model")
     # Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021) estimates the
-    # statistics from a fixed number of batches; on a GPU the whole split costs a client about a
-    # third of its training every round (README, "BatchNorm recalibration on fewer batches").
+    # statistics from a fixed number of batches; the whole split is a forward pass over as many
+    # images as the client trains on, every round (README, "BatchNorm recalibration on fewer batches").
     recalibrate_batches: int = opt(0, "BatchNorm recalibration: the first this many batches of each client's "
                                       "training split (0: all of them)")
     fusion_start_round: int = opt(2, "first round whose average is fused")
