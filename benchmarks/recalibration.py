@@ -1,6 +1,6 @@
 """How many batches BatchNorm recalibration needs (``--recalibrate-batches``), measured:
 
-    python -m benchmarks.recalibration [--tiny] [--rounds 6] [--out benchmarks/recalibration.json]
+    python -m benchmarks.recalibration [--tiny] [--rounds 6] [--alpha A] [--out benchmarks/recalibration.json]
 
 A FedAvg global model is trained on the CPU (3 clients, a few rounds on a subset of
 Fashion-MNIST; the clients' averaged BatchNorm statistics are what plain FedAvg keeps). Then
@@ -41,11 +41,12 @@ BATCH_COUNTS = (2, 4, 8, 16, 32, 64)
 MAX_WINDOWS = 4  # draws per batch count: enough for a spread, at one test-set pass each
 
 
-def configs(tiny: bool, rounds: int) -> tuple[RunConfig, RunConfig]:
+def configs(tiny: bool, rounds: int, alpha: float = 0.0) -> tuple[RunConfig, RunConfig]:
     """The training run (a subset, so the CPU trains it in minutes) and the recalibration's data
-    (the gpu preset's: full Fashion-MNIST, 3 clients, batch 128)."""
+    (the gpu preset's: full Fashion-MNIST, 3 clients, batch 128), both label-skewed by a
+    Dirichlet ``alpha`` when it is > 0."""
     full = RunConfig(dataset="fashion-mnist", train_limit=1536 if tiny else 0, test_limit=512 if tiny else 0,
-                     num_clients=3, batch_size=64 if tiny else 128, device="cpu")
+                     num_clients=3, batch_size=64 if tiny else 128, alpha=alpha, device="cpu")
     # The default milestones anneal the learning rate: the model studied is an endpoint, as a run's is.
     training = full.replace(train_limit=384 if tiny else 9600, rounds=rounds, local_epochs=1, lr=0.05)
     return training, full
@@ -105,8 +106,8 @@ def evaluated(model: nn.Module, stats: dict[str, torch.Tensor], loader) -> dict[
     return {"top1": result.top1, "loss": result.loss}
 
 
-def study(tiny: bool, rounds: int) -> dict[str, Any]:
-    training_cfg, cfg = configs(tiny, rounds)
+def study(tiny: bool, rounds: int, alpha: float = 0.0) -> dict[str, Any]:
+    training_cfg, cfg = configs(tiny, rounds, alpha)
     start = time.perf_counter()
     model = fedavg_model(training_cfg).to(memory_format=torch.channels_last)
     train_s = time.perf_counter() - start
@@ -118,13 +119,15 @@ def study(tiny: bool, rounds: int) -> dict[str, Any]:
     whole = pool_bn_statistics([averaged(batches) for batches in per_client], weights)
     return {
         "without_recalibration": evaluated(model, averaged_stats, test),
-        "whole_split": evaluated(model, whole, test) | {"batches": min(len(b) for b in per_client)},
+        "whole_split": evaluated(model, whole, test) | {"batches": min(len(b) for b in per_client),
+                                                        "batches_per_client": [len(b) for b in per_client]},
         "by_batches": {str(n): row | {"images_per_client": n * cfg.batch_size}
                        for n, row in by_batch_count(model, per_client, weights, whole, test).items()},
         "setting": {
             "training": {"train_limit": training_cfg.train_limit, "rounds": training_cfg.rounds,
                          "lr": training_cfg.lr, "seconds": train_s},
-            "recalibration": {"dataset": cfg.dataset, "clients": cfg.num_clients, "batch_size": cfg.batch_size,
+            "recalibration": {"dataset": cfg.dataset, "clients": cfg.num_clients, "alpha": cfg.alpha or None,
+                              "batch_size": cfg.batch_size,
                               "images_per_client": [d.num_train for d in data], "test_images": len(test.dataset)},
             "tiny": tiny,
         },
@@ -157,16 +160,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--rounds", type=int, default=6, help="FedAvg rounds that train the model studied")
+    parser.add_argument("--alpha", type=float, default=0.0,
+                        help="Dirichlet label skew of the clients' partitions (> 0); IID when left out")
     parser.add_argument("--tiny", action="store_true", help="smallest settings: proves the study runs")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         print(f"error: --rounds must be at least 1 (got {args.rounds})", file=sys.stderr)
         return 2
+    if args.alpha < 0:
+        print(f"error: --alpha must be > 0 (got {args.alpha}); leave it out for IID partitions", file=sys.stderr)
+        return 2
     from .__main__ import machine
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    data = study(args.tiny, args.rounds) | {
+    data = study(args.tiny, args.rounds, args.alpha) | {
         "date": datetime.date.today().isoformat(), "machine": machine(),
         "command": " ".join(["python", "-m", "benchmarks.recalibration", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - start}

@@ -124,11 +124,16 @@ def test_the_recalibration_studys_statistics_over_n_batches_are_recalibrate_bns_
     assert all((ours[name] - expected[name]).norm() <= 1e-4 * expected[name].norm() for name in expected)
 
 
-def test_the_recalibration_study_refuses_zero_rounds_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("args, error", [
+    (["--rounds", "0"], "error: --rounds must be at least 1 (got 0)"),
+    (["--alpha", "-1"], "error: --alpha must be > 0 (got -1.0); leave it out for IID partitions"),
+])
+def test_the_recalibration_study_refuses_bad_settings_in_one_line(args: list[str], error: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.recalibration import main
 
-    assert main(["--rounds", "0"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --rounds must be at least 1 (got 0)"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [error]
 
 
 @pytest.mark.slow
@@ -141,6 +146,7 @@ def test_the_recalibration_study_evaluates_each_batch_count_against_the_whole_sp
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     whole = data["whole_split"]["batches"]
+    assert min(data["whole_split"]["batches_per_client"]) == whole
     assert whole >= 5 and set(data["by_batches"]) == {str(n) for n in (2, 4, 8, 16, 32, 64) if n < whole}
     for n, row in data["by_batches"].items():
         assert len(row["draws"]) == min(4, whole // int(n))
