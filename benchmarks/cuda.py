@@ -68,7 +68,8 @@ def recalibration(settings: Settings) -> dict[str, Any]:
     gpu preset, beside that client's training epoch (4a)."""
     cfg = training_config(settings, 128)
     batches = apply_preset("gpu").recalibrate_batches
-    loader = client_data(cfg, 0, cfg.num_clients, device=CUDA).train
+    data = client_data(cfg, 0, cfg.num_clients, device=CUDA)
+    loader = data.train
     model = initial_student(cfg).to(CUDA)
     variants = {"update_bn": lambda: torch.optim.swa_utils.update_bn(loader, model, CUDA),
                 "ours": lambda: recalibrate_bn(model, loader, CUDA),
@@ -76,7 +77,7 @@ def recalibration(settings: Settings) -> dict[str, Any]:
     for run in variants.values():
         run()  # warm-up
     seconds = interleaved(settings.repeats * 3, *(lambda run=run: timed(run) for run in variants.values()))
-    return {"images": client_data(cfg, 0, cfg.num_clients).num_train, "preset_batches": batches,
+    return {"images": data.num_train, "preset_batches": batches,
             "batch_size": cfg.batch_size, "samples": len(seconds[0]),
             "seconds": {name: median(values) for name, values in zip(variants, seconds)}}
 

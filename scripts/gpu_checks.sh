@@ -6,7 +6,7 @@
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
-# The whole comparison (3 seeds) without the tests: TESTS=0 ... gpu_checks.sh out 560 --seeds 0 1 2
+# The whole comparison (3 seeds) without the tests: TESTS=0 ... gpu_checks.sh out 540 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
