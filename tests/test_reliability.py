@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from fedmergenet.config import RunConfig
+from fedmergenet.launcher import processes
 from fedmergenet.launcher.federated import run_simulation
-from fedmergenet.models import STUDENT_LAYER, initial_student
 from fedmergenet.launcher.processes import free_port
+from fedmergenet.models import STUDENT_LAYER, initial_student
 from fedmergenet.results import read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,11 +191,14 @@ def test_a_server_stopped_mid_run_resumes_without_gaps(tmp_path: Path, teacher_f
         while rows_written(out) < 2:
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
             time.sleep(0.1)
+        started = processes.descendants(first.pid)  # the ServerApp and Ray run in sessions of their own
         os.killpg(first.pid, signal.SIGTERM)  # the server goes down in round 2, 3 or 4
         first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+    # Nothing the run started trains on, or writes rounds the resumed run would write again.
+    assert not [pid for pid in started if processes.alive(pid)]
     # How far the run got before the stop depends on how fast these tiny rounds are; a tiny
     # round can finish while the signal is on its way, so any unfinished prefix will do.
     done_before = [r["round"] for r in read_metrics(out)]

@@ -51,23 +51,73 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group (Flower's children included), then SIGKILL what is left."""
+    """SIGTERM the process and everything it started, then SIGKILL what is left after ``timeout``.
+
+    Signalling the process group is not enough: Flower's SuperExec starts the ServerApp (and,
+    in simulation, Ray) in a session of its own, which would run on, orphaned, training and
+    writing results after the launcher said it stopped. So every descendant's group is
+    signalled, found before any of them exits and is re-parented out of reach."""
     if process.poll() is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
+    tree = [process.pid, *descendants(process.pid)]
+    groups = {group for group in map(process_group, tree) if group not in (None, os.getpgrp())}
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout)
+    while any(map(alive, tree[1:])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_groups(groups, signal.SIGKILL)
+    process.wait(timeout=timeout)
+
+
+def _signal_groups(groups: Iterable[int], signum: int) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
 
 
 def kill_group(process: subprocess.Popen) -> None:
     """Children of a group leader outlive it; sweep the group after the leader is gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); None
+    when the process is gone or this is not Linux."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid``, whatever its session (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _proc_stat(int(entry.name))
+        if fields is not None and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    to_visit = [pid]
+    while to_visit:
+        below = children.get(to_visit.pop(), [])
+        found.extend(below)
+        to_visit.extend(below)
+    return found
+
+
+def process_group(pid: int) -> int | None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        return os.getpgid(pid)
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _die_with_parent() -> None:
