@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedmergenet.config import RunConfig
-from fedmergenet.flower import client_app
+from fedmergenet.flower import client_app, server_app
 from fedmergenet.flower.server_app import FederatedRun
 from fedmergenet.results import read_metrics, read_summary
 
@@ -111,3 +111,22 @@ def test_a_run_stopped_waiting_for_nodes_keeps_the_round_whose_statistics_were_s
     assert rows[1]["bn_recalibrated"] == 0 and rows[1]["fusion_applied"] == 1
     assert read_summary(tmp_path)["status"] == "stopped"
     assert torch.load(tmp_path / "server_state.pt", weights_only=True)["round"] == 1  # a resume starts at round 2
+
+
+def test_a_server_app_left_by_the_process_that_started_it_stops_before_the_next_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher killed outright takes the SuperLink with it, but not a simulation's ServerApp,
+    which is re-parented: it stops before training another round, its rounds so far resumable."""
+
+    class LeftGrid(InProcessGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            monkeypatch.setattr(server_app.os, "getppid", lambda: -1)  # re-parented, once round 1 is out
+            return super().pull_messages(message_ids)
+
+    rows, sent = run(tmp_path, LeftGrid, skip_federated_eval=False)
+
+    assert sent == {"train": 2, "evaluate": 2}
+    assert [r["round"] for r in rows] == [0, 1]
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "stopped" and "has exited" in summary["error"]
+    assert torch.load(tmp_path / "server_state.pt", weights_only=True)["round"] == 1

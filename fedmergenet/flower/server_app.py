@@ -4,6 +4,7 @@ models, resumable state)."""
 
 from __future__ import annotations
 
+import os
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -29,6 +30,17 @@ from . import wire
 from .task import load_arrays, run_config
 
 app = ServerApp()
+
+
+class Orphaned(RuntimeError):
+    """The Flower process that started this ServerApp has exited, and with it the SuperLink."""
+
+
+def check_parent(parent: int) -> None:
+    """In simulation a ServerApp whose SuperLink was stopped (its launcher killed outright, say)
+    would train on to its end, writing results into a folder that a resumed run may be using."""
+    if os.getppid() != parent:
+        raise Orphaned(f"the Flower process that started this ServerApp (pid {parent}) has exited")
 
 
 def fusion_rounds(cfg: RunConfig) -> int:
@@ -58,13 +70,15 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
 class FederatedRun:
     """One federated experiment on the server side, from start-up checks to summary."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, parent: int | None = None) -> None:
+        """``parent``: the pid of the process that started this ServerApp (see check_parent)."""
         self.cfg = validate(cfg)
         self.out = cfg.output_path()
         self.out.mkdir(parents=True, exist_ok=True)
         self.states = StateWriter(self.out)
         seed_everything(cfg.seed)
         self.start = time.time()
+        self.parent = parent or os.getppid()
         self.device = pick_device(cfg.server_device)
         self.num_classes = train_set(cfg).num_classes
         # The teacher is loaded first: a bad checkpoint stops the run before any client trains.
@@ -210,7 +224,7 @@ class FederatedRun:
             arrays = self.rounds(grid, arrays, first=done + 1)
             load_arrays(self.student, arrays)
             save_torch(self.out / "final_model.pt", self.student.state_dict())
-        except NodeWaitTimeout as exc:
+        except (NodeWaitTimeout, Orphaned) as exc:
             status, error = "stopped", str(exc)
             log(ERROR, "Stopped: %s (results so far are in %s)", exc, self.out)
         self.states.wait()  # a summary that says completed (or stopped) has its resumable state on disk
@@ -236,6 +250,7 @@ class FederatedRun:
             self.evaluate_round(0, arrays)
         unevaluated: int | None = None  # the round whose model awaits statistics from this train phase
         for server_round in range(first, self.cfg.rounds + 1):
+            check_parent(self.parent)
             log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
             strategy.round_log(server_round).started_s = time.time() - self.start
             train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
@@ -287,10 +302,11 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.random_teacher:
         log(WARNING, "Using a random teacher: results are a smoke test, not a MergeNet result")
     arms = cfg.arm_runs()  # several arms share the nodes (and the simulation's start-up)
+    parent = os.getppid()
     try:
         check_arms(arms)
         for arm_cfg in arms:
-            FederatedRun(arm_cfg).run(grid)
+            FederatedRun(arm_cfg, parent).run(grid)
     except UserError as exc:
         log(ERROR, "error: %s", exc)
         raise SystemExit(2) from None
