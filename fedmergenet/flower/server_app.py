@@ -38,7 +38,9 @@ class Orphaned(RuntimeError):
 
 def check_parent(parent: int) -> None:
     """In simulation a ServerApp whose SuperLink was stopped (its launcher killed outright, say)
-    would train on to its end, writing results into a folder that a resumed run may be using."""
+    would train on to its end, writing results into a folder that a resumed run may be using:
+    Flower 1.42's own watch on the parent (``flwr-simulation --parent-pid``) does not stop the
+    ServerApp's thread."""
     if os.getppid() != parent:
         raise Orphaned(f"the Flower process that started this ServerApp (pid {parent}) has exited")
 
