@@ -5,6 +5,7 @@ with strangers knocking and a client killed mid-round, too few clients."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -223,6 +224,14 @@ def _script(name: str, *args: str, output: bool = False) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def running_a_clientapp(client: subprocess.Popen) -> bool:
+    for pid in processes.descendants(client.pid):
+        with contextlib.suppress(OSError):
+            if "flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_text():
+                return True
+    return False
+
+
 def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid_round(
     tmp_path: Path, teacher_file: Path
 ) -> None:
@@ -260,10 +269,11 @@ def test_a_secured_deployment_refuses_strangers_and_survives_a_client_killed_mid
         nodes = [_script(*client, "--client_id", str(i), *tls, "--auth-supernode-private-key", str(keys / f"client_{i}"))
                  for i in range(3)]
         deadline = time.monotonic() + 300
-        while rows_written(out) < 1:  # round 0 (the server's evaluation) is done: round 1's training is sent out
+        # Node 2 starts a ClientApp process for its first message, round 1's train message (there
+        # is no evaluate phase), and needs seconds to import torch before it could reply.
+        while not running_a_clientapp(nodes[2]):
             assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(4)
+            time.sleep(0.1)
         supernode = int(subprocess.run(["pgrep", "-P", str(nodes[2].pid)], capture_output=True, text=True).stdout.split()[0])
         os.killpg(supernode, signal.SIGKILL)  # the SuperNode with its ClientApp: a crash, no goodbye
         output, _ = server.communicate(timeout=500)
