@@ -333,29 +333,38 @@ def test_the_recorded_cuda_step_trains_as_the_eager_loop(monkeypatch, hooked, co
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_compiled_cuda_step_computes_what_the_eager_step_does():
+def test_a_compiled_cuda_step_is_as_close_to_exact_as_the_eager_step():
     """On a GPU (skipped elsewhere): from the same weights and batch, one step of torch.compile's
-    Inductor code (``--compile``) and one eager step give the same loss and the same update of
-    every weight, to float32 rounding: its kernels fuse and reorder, they compute the same."""
+    Inductor code (``--compile``) lands as close to the exact step (float64, eager, on the CPU)
+    as the eager float32 step does: loss and every weight's update within 10x the eager step's
+    error. The two float32 steps cannot be compared with each other alone: cuDNN's convolutions
+    run in TF32 by default, which puts both about 1e-3 from the exact loss and lets fused kernels
+    land 2e-5 apart (seen on an H200); a defect (a wrong or missing operation) moves a loss or an
+    update by its own size."""
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     start = build_student(num_classes=10).state_dict()
-    images, labels = (t.to(cuda) for t in tiny_batch(n=32).tensors)
+    images, labels = tiny_batch(n=32).tensors
 
-    def one_step(compile_backend: str | None) -> tuple[float, dict[str, torch.Tensor]]:
+    def one_step(device: torch.device, dtype: torch.dtype,
+                 compile_backend: str | None) -> tuple[float, dict[str, torch.Tensor]]:
         model = build_student(num_classes=10)
         model.load_state_dict(start)
-        model.to(cuda)
-        loss = train_epoch(model, [(images, labels)], make_optimizer(model, lr=0.05), cuda, capture=False,
+        model.to(device=device, dtype=dtype)
+        batch = [(images.to(device, dtype), labels.to(device))]
+        loss = train_epoch(model, batch, make_optimizer(model, lr=0.05), device, capture=False,
                            compile_backend=compile_backend)
-        return loss, {name: p.detach() - start[name].to(cuda) for name, p in model.named_parameters()}
+        return loss, {name: p.detach().cpu().double() - start[name].double() for name, p in model.named_parameters()}
 
-    eager_loss, eager = one_step(None)
-    compiled_loss, compiled = one_step("inductor")
-    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
-    for name, update in eager.items():
-        gap = (compiled[name] - update).norm() / update.norm().clamp_min(1e-12)
-        assert gap < 1e-3, name
+    exact_loss, exact = one_step(CPU, torch.float64, None)
+    eager_loss, eager = one_step(cuda, torch.float32, None)
+    compiled_loss, compiled = one_step(cuda, torch.float32, "inductor")
+    assert abs(compiled_loss - exact_loss) <= 10 * abs(eager_loss - exact_loss) + 1e-6 * exact_loss
+    # Some updates are exactly zero (a bias whose shift the next BatchNorm removes): their
+    # rounding noise is measured against the whole update's size.
+    floor = 1e-6 * torch.cat([update.flatten() for update in exact.values()]).norm()
+    for name, update in exact.items():
+        assert (compiled[name] - update).norm() <= 10 * (eager[name] - update).norm() + floor, name
 
 
 def test_a_compiled_step_trains_as_the_eager_one_and_compiles_once_per_process():
