@@ -29,7 +29,7 @@ from fedmergenet.report import write_report
 from fedmergenet.report.figures import FIGURES
 from fedmergenet.report.numbers import arm_table, differing_settings, epochs_to_reach, thresholds
 from fedmergenet.report.runs import discover_runs, group_by_arm
-from fedmergenet.report.verdict import conclusion
+from fedmergenet.report.verdict import conclusion, t_975
 from fedmergenet.results import RunResult, append_metrics, known_arm, write_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_arms_of_other_strategies_are_compared_with_fedavg_paired_by_seed() -> N
             make_run("fedadam_placebo", 0, [0.5, 0.70]), make_run("fedadam_placebo", 1, [0.5, 0.76])]
     text = conclusion(arm_table(runs), runs)
     assert ("fedadam_mergenet vs fedavg_mergenet (only the strategy differs): +10.5 pp, paired over seeds 0, 1, "
-            "spread 0.7 pp: a clear difference.") in text
+            "spread 0.7 pp, 95% interval +4.1 to +16.9 pp: a clear difference.") in text
     assert "Does the trained teacher help fedadam_mergenet beyond its placebo fedadam_placebo? not shown" in text
     assert list(group_by_arm(runs)) == ["fedavg_mergenet", "fedadam_mergenet", "fedadam_placebo"]
 
@@ -258,12 +258,28 @@ def placebo_runs(trained: list[float], placebo: list[float], arm: str = "central
             + [make_run(f"{arm}_placebo", seed, [0.3, acc]) for seed, acc in enumerate(placebo)])
 
 
-def test_the_teacher_is_credited_when_it_beats_its_placebo_by_more_than_the_spread() -> None:
-    """Paired by seed: gaps +4, +5, +6 pp (mean 5, std 1) exceed their spread."""
+def test_the_teacher_is_credited_when_the_interval_of_its_gain_lies_above_zero() -> None:
+    """Paired by seed: gaps +4, +5, +6 pp, mean 5, std 1; over three seeds the mean's 95 %
+    interval is 5 +- 4.303 / sqrt(3) = +2.5 to +7.5 pp."""
     text = conclusion(arm_table(runs := placebo_runs([0.74, 0.70, 0.86], [0.70, 0.65, 0.80])), runs)
     line = next(line for line in text.splitlines() if "beyond its placebo" in line)
     assert line.startswith("Does the trained teacher help central_mergenet beyond its placebo central_placebo? yes")
-    assert "+5.0 pp" in line and "spread (std of the gaps) 1.0 pp" in line and "credited" in line
+    assert "+5.0 pp" in line and "spread (std of the gaps) 1.0 pp" in line
+    assert "95% interval +2.5 to +7.5 pp" in line and "credited to the teacher's knowledge" in line
+
+
+def test_a_gain_above_its_spread_on_two_seeds_is_not_yet_credited() -> None:
+    """Gaps +0.4 and +0.8 pp (seen on a GPU): the mean, +0.6 pp, is twice the gaps' std, but two
+    seeds put the mean's 95 % interval at 0.6 +- 12.706 * 0.28 / sqrt(2) = -1.9 to +3.1 pp."""
+    runs = placebo_runs([0.854, 0.878], [0.850, 0.870], arm="fedavg")
+    line = next(line for line in conclusion(arm_table(runs), runs).splitlines() if "beyond its placebo" in line)
+    assert "not shown: +0.6 pp" in line and "95% interval -1.9 to +3.1 pp" in line
+    assert "the interval includes zero, so no gain can be credited to the teacher" in line
+
+
+@pytest.mark.parametrize(("df", "quantile"), [(1, 12.706), (2, 4.303), (30, 2.042), (60, 2.0), (1000, 1.962)])
+def test_the_interval_uses_students_t(df: int, quantile: float) -> None:
+    assert t_975(df) == pytest.approx(quantile, abs=2e-3)
 
 
 def test_the_teacher_is_not_credited_when_the_gap_is_within_the_spread() -> None:

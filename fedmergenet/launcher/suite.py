@@ -2,7 +2,8 @@
 
 Each MergeNet arm has a placebo: the same fusion from the teacher with its fused matrix
 shuffled, so a gain can be credited to the teacher's knowledge only if the trained teacher
-beats its placebo by more than the spread over seeds (see report.teacher_credit).
+beats its placebo beyond the 95 % confidence interval of the paired gaps over seeds
+(see report.teacher_credit).
 
 The arms are independent once the teacher exists, so the suite runs them as separate
 processes of the runner script, ``jobs`` at a time: one at a time they take this terminal,

@@ -1,8 +1,10 @@
 """The conclusion in words, from the numbers: gaps against the spread over seeds, the trained
-teacher against its placebo and each strategy against FedAvg, paired by seed."""
+teacher against its placebo and each strategy against FedAvg, paired by seed, with a 95 %
+confidence interval of the mean paired gap."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
@@ -59,44 +61,72 @@ def paired_gaps(runs: Sequence[RunResult], arm: str, control: str) -> dict[int, 
     return {s: finals[(arm, s)] - finals[(control, s)] for s in seeds}
 
 
+# Student's t, two-sided 95 %, for 1..30 degrees of freedom; beyond, 1.96 + 2.4 / df is within
+# 0.002 of it.
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+          2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError("Student's t needs at least one degree of freedom")
+    return _T_975[df - 1] if df <= len(_T_975) else 1.96 + 2.4 / df
+
+
 @dataclass(frozen=True)
 class PairedGap:
-    """``arm`` minus ``control`` in pp: the mean over paired seeds and its spread (sample std of
-    the per-seed gaps; None with one seed)."""
+    """``arm`` minus ``control`` in pp: the mean over paired seeds, its spread (sample std of
+    the per-seed gaps) and the half-width of the mean's 95 % confidence interval (Student's t);
+    both None with one seed. Two or three seeds give wide intervals: the std of the gaps alone
+    would credit a gain about one standard error above zero."""
 
     mean: float
     spread: float | None
+    half_width: float | None
     seeds: list[int]
+
+    @property
+    def interval(self) -> str:
+        return f"95% interval {self.mean - self.half_width:+.1f} to {self.mean + self.half_width:+.1f} pp"
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.half_width is not None and abs(self.mean) > self.half_width
 
 
 def paired_gap(runs: Sequence[RunResult], arm: str, control: str) -> PairedGap | None:
     gaps = paired_gaps(runs, arm, control)
     if not gaps:
         return None
-    spread = statistics.stdev(gaps.values()) * 100 if len(gaps) > 1 else None
-    return PairedGap(statistics.fmean(gaps.values()) * 100, spread, list(gaps))
+    n = len(gaps)
+    spread = statistics.stdev(gaps.values()) * 100 if n > 1 else None
+    half_width = t_975(n - 1) * spread / math.sqrt(n) if spread is not None else None
+    return PairedGap(statistics.fmean(gaps.values()) * 100, spread, half_width, list(gaps))
 
 
 def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
-    """Does the trained teacher beat its placebo? Credited only when the mean paired gap exceeds
-    the spread (sample std) of the paired gaps over seeds."""
+    """Does the trained teacher beat its placebo? Credited only when the 95 % confidence interval
+    of the mean paired gap over seeds lies above zero."""
     control = placebo_of(arm)
     gap = paired_gap(runs, arm, control) if control else None
     if gap is None:
         return None
-    mean, spread = gap.mean, gap.spread
+    mean = gap.mean
     question = f"Does the trained teacher help {arm} beyond its placebo {control}?"
-    if spread is None:
+    if gap.spread is None:
         return (f"{question} cannot tell: {mean:+.1f} pp on one paired seed, so the spread over seeds is "
                 "unknown and nothing is credited to the teacher.")
     seeds = ", ".join(map(str, gap.seeds))
-    detail = f"{mean:+.1f} pp, paired over seeds {seeds}, spread (std of the gaps) {spread:.1f} pp"
-    if mean > spread:
-        return f"{question} yes: {detail}; the gain exceeds the spread, so it is credited to the teacher's knowledge."
-    if -mean > spread:
+    detail = f"{mean:+.1f} pp, paired over seeds {seeds}, spread (std of the gaps) {gap.spread:.1f} pp, {gap.interval}"
+    if gap.excludes_zero and mean > 0:
+        return (f"{question} yes: {detail}; the interval lies above zero, so the gain is credited to the "
+                "teacher's knowledge.")
+    if gap.excludes_zero:
         return f"{question} no, it hurts: {detail}; the trained teacher does worse than its placebo."
-    return (f"{question} not shown: {detail}; the gap is within the spread, so no gain can be credited to "
-            "the teacher (what fusion does here, perturbation does as well).")
+    return (f"{question} not shown: {detail}; the interval includes zero, so no gain can be credited to "
+            "the teacher (what fusion does here, perturbation may do as well).")
 
 
 def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
@@ -126,7 +156,8 @@ def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
 
 def strategy_difference(runs: Sequence[RunResult], arm: str) -> str | None:
     """A federated arm against the FedAvg arm with the same fusion: runs that differ only in the
-    server strategy (or DP), paired by seed; a difference counts when it exceeds the spread."""
+    server strategy (or DP), paired by seed; a difference counts when the 95 % confidence
+    interval of the mean paired gap excludes zero."""
     aggregation, fusion = split_arm(arm)
     if aggregation in ("central", "fedavg"):
         return None
@@ -137,5 +168,6 @@ def strategy_difference(runs: Sequence[RunResult], arm: str) -> str | None:
     head = f"{arm} vs {control} (only the strategy differs): {gap.mean:+.1f} pp"
     if gap.spread is None:
         return f"{head} on one paired seed; the spread over seeds is unknown, so no difference is claimed."
-    verdict = "a clear difference" if abs(gap.mean) > gap.spread else "within the spread, no clear difference"
-    return f"{head}, paired over seeds {', '.join(map(str, gap.seeds))}, spread {gap.spread:.1f} pp: {verdict}."
+    verdict = "a clear difference" if gap.excludes_zero else "the interval includes zero, no clear difference"
+    return (f"{head}, paired over seeds {', '.join(map(str, gap.seeds))}, spread {gap.spread:.1f} pp, "
+            f"{gap.interval}: {verdict}.")
