@@ -15,45 +15,6 @@ from .numbers import ArmStats, Comparison
 from .runs import arm_order
 
 
-def _no_clear_reason(a: ArmStats, b: ArmStats) -> str | None:
-    """Why the gap between two arms is not a clear difference, or None if it is."""
-    single = [x.arm for x in (a, b) if x.n < 2]
-    if len(single) == 2:
-        return "one seed per arm, so the spread over seeds is unknown"
-    if single:
-        return f"{single[0]} has one seed, so its spread over seeds is unknown"
-    gap = abs(a.final_top1 - b.final_top1)
-    spread = max(a.final_top1_std or 0.0, b.final_top1_std or 0.0)
-    if gap <= spread:
-        return f"gap within the seeds' spread (std up to {spread * 100:.1f} pp)"
-    low, high = (a, b) if a.final_top1 < b.final_top1 else (b, a)
-    if low.final_top1_max >= high.final_top1_min:
-        return "the seeds' ranges overlap"
-    return None
-
-
-def _verdict(a: ArmStats, b: ArmStats) -> str:
-    reason = _no_clear_reason(a, b)
-    return "a clear difference" if reason is None else f"no clear difference ({reason})"
-
-
-def _fed_vs_central(table: Comparison) -> str | None:
-    """The question the project asks: does federated MergeNet keep up with central MergeNet?"""
-    fed, cen = table.arm("fedavg_mergenet"), table.arm("central_mergenet")
-    if fed is None or cen is None:
-        return None
-    diff = (fed.final_top1 - cen.final_top1) * 100
-    question = "Does fedavg_mergenet match or beat central_mergenet?"
-    reason = _no_clear_reason(fed, cen)
-    if reason is None:
-        answer = (f"yes, it beats it by {diff:.1f} pp" if diff > 0
-                  else f"no, it is {-diff:.1f} pp lower")
-        return f"{question} {answer} (a clear difference)."
-    if fed.n < 2 or cen.n < 2:
-        return f"{question} cannot tell: {diff:+.1f} pp, no clear difference ({reason})."
-    return f"{question} yes, it matches it: {diff:+.1f} pp, no clear difference ({reason})."
-
-
 def paired_gaps(runs: Sequence[RunResult], arm: str, control: str) -> dict[int, float]:
     """Final top-1 of ``arm`` minus ``control``, seed by seed (same seed: same start and data order)."""
     finals = {(r.arm, r.seed): float(r.summary["final_top1"]) for r in runs}
@@ -106,6 +67,51 @@ def paired_gap(runs: Sequence[RunResult], arm: str, control: str) -> PairedGap |
     return PairedGap(statistics.fmean(gaps.values()) * 100, spread, half_width, list(gaps))
 
 
+def _no_clear_reason(a: ArmStats, b: ArmStats, runs: Sequence[RunResult] = ()) -> str | None:
+    """Why the gap between two arms is not a clear difference, or None if it is. Arms run on two
+    or more common seeds are judged like the placebo question, by the paired gaps' interval;
+    without the runs, by the spread and the ranges of their seeds."""
+    single = [x.arm for x in (a, b) if x.n < 2]
+    if len(single) == 2:
+        return "one seed per arm, so the spread over seeds is unknown"
+    if single:
+        return f"{single[0]} has one seed, so its spread over seeds is unknown"
+    gap = paired_gap(runs, a.arm, b.arm) if runs else None
+    if gap is not None and gap.half_width is not None:
+        return None if gap.excludes_zero else f"paired over seeds, {gap.interval}, which includes zero"
+    distance = abs(a.final_top1 - b.final_top1)
+    spread = max(a.final_top1_std or 0.0, b.final_top1_std or 0.0)
+    if distance <= spread:
+        return f"gap within the seeds' spread (std up to {spread * 100:.1f} pp)"
+    low, high = (a, b) if a.final_top1 < b.final_top1 else (b, a)
+    if low.final_top1_max >= high.final_top1_min:
+        return "the seeds' ranges overlap"
+    return None
+
+
+def _verdict(a: ArmStats, b: ArmStats, runs: Sequence[RunResult] = ()) -> str:
+    reason = _no_clear_reason(a, b, runs)
+    return "a clear difference" if reason is None else f"no clear difference ({reason})"
+
+
+def _fed_vs_central(table: Comparison, runs: Sequence[RunResult] = ()) -> str | None:
+    """The question the project asks: does federated MergeNet keep up with central MergeNet?"""
+    fed, cen = table.arm("fedavg_mergenet"), table.arm("central_mergenet")
+    if fed is None or cen is None:
+        return None
+    diff = (fed.final_top1 - cen.final_top1) * 100
+    question = "Does fedavg_mergenet match or beat central_mergenet?"
+    reason = _no_clear_reason(fed, cen, runs)
+    if reason is None:
+        answer = (f"yes, it beats it by {diff:.1f} pp" if diff > 0
+                  else f"no, it is {-diff:.1f} pp lower")
+        return f"{question} {answer} (a clear difference)."
+    if fed.n < 2 or cen.n < 2:
+        return f"{question} cannot tell: {diff:+.1f} pp, no clear difference ({reason})."
+    # Not a claim of equivalence: with a few seeds the interval is wide.
+    return f"{question} no clear difference either way: {diff:+.1f} pp ({reason})."
+
+
 def teacher_credit(runs: Sequence[RunResult], arm: str) -> str | None:
     """Does the trained teacher beat its placebo? Credited only when the 95 % confidence interval
     of the mean paired gap over seeds lies above zero."""
@@ -140,12 +146,12 @@ def conclusion(table: Comparison, runs: Sequence[RunResult] = ()) -> str:
     runner = ranked[1]
     gap = (best.final_top1 - runner.final_top1) * 100
     lines = [f"{head}, {gap:.1f} pp above the runner-up {runner.arm} "
-             f"({runner.final_top1 * 100:.1f}%): {_verdict(best, runner)}."]
+             f"({runner.final_top1 * 100:.1f}%): {_verdict(best, runner, runs)}."]
     for other in ranked[2:]:
         gap = (best.final_top1 - other.final_top1) * 100
         lines.append(f"{best.arm} vs {other.arm} ({other.final_top1 * 100:.1f}%): "
-                     f"{gap:.1f} pp above, {_verdict(best, other)}.")
-    answer = _fed_vs_central(table)
+                     f"{gap:.1f} pp above, {_verdict(best, other, runs)}.")
+    answer = _fed_vs_central(table, runs)
     if answer:
         lines.append(answer)
     arms = arm_order({r.arm for r in runs})
