@@ -1,5 +1,6 @@
 """How long a suite will take, said before it starts: a few timed training steps on this
-machine, scaled by the work the suite's arms will do."""
+machine (through the training loop, so a GPU's recorded step is what is timed), scaled by the
+work the suite's arms will do."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from ..config import RunConfig
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, build_student, build_teacher
-from ..training import make_optimizer, pick_device, TRAINING_MEMORY_FORMAT
+from ..training import make_optimizer, pick_device, train_epoch
 
 # Fixed costs of a simulation run on the 2-core CPU machine these were measured on (quick
 # suite, README): before its first round and after its last (SuperLink, `flwr run`, Ray, the
@@ -39,23 +40,28 @@ class Estimate:
                 f"(~{self.per_seed_s / 60:.1f} min per seed), from timing a few steps on this machine")
 
 
-def images_per_second(model: torch.nn.Module, batch_size: int, device: torch.device, steps: int = 2) -> float:
-    """Training throughput of ``model`` on random 32x32 batches (one untimed warm-up step)."""
-    memory_format = TRAINING_MEMORY_FORMAT
-    model = model.to(device, memory_format=memory_format).train()
+def images_per_second(model: torch.nn.Module, batch_size: int, device: torch.device) -> float:
+    """Training throughput of ``model`` through the training loop on random 32x32 batches. On
+    CUDA the loop replays a recorded step (about ten times an eager step's rate for the
+    student), so the rate is the difference between a short and a long epoch after an untimed
+    one: what each further batch costs, without the per-epoch recording. On the CPU the loop is
+    eager, and two steps after an untimed one tell its rate."""
+    model = model.to(device).train()
     optimizer = make_optimizer(model, lr=0.0)
-    images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    start = 0.0
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    short, long = (4, 16) if device.type == "cuda" else (0, 2)
+
+    def epoch_seconds(batches: int) -> float:
+        if batches == 0:
+            return 0.0
+        start = time.perf_counter()
+        train_epoch(model, [(images, labels)] * batches, optimizer, device, progress=False)  # reads the loss: synced
+        return time.perf_counter() - start
+
+    epoch_seconds(max(short, 1))  # CUDA and cuDNN set-up, first allocations
+    seconds = epoch_seconds(long) - epoch_seconds(short)
+    return (long - short) * batch_size / max(seconds, 1e-9)
 
 
 def fusion_seconds(num_classes: int, cfg: RunConfig) -> float:
