@@ -210,9 +210,10 @@ def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s:
 def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Where a federated run's rounds spent their time, as medians over the rounds whose span is
     known (a round spans from its train messages going out to the next round's): the span, the
-    slowest client's own training and BatchNorm recalibration, and the span over that training
-    (what is not training shows as the excess over 1). A resumed run's clock starts again, so
-    the round before a resume has no span."""
+    slowest client's own training and BatchNorm recalibration, the slowest client's whole train
+    function (model set-up and the copy back included; the span beyond it is the server's work
+    and the messages'), and the span over that training (what is not training shows as the
+    excess over 1). A resumed run's clock starts again, so the round before a resume has no span."""
     import statistics
 
     timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])
@@ -226,6 +227,9 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "span_s": statistics.median(span for _, span in timed),
         "slowest_train_s": statistics.median(r["slowest_client_train_s"] for r, _ in timed),
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
+        # None for rows written before clients reported it.
+        "slowest_client_total_s": (statistics.median(totals) if (totals := [
+            r["slowest_client_total_s"] for r, _ in timed if r.get("slowest_client_total_s") is not None]) else None),
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }
 
