@@ -20,6 +20,9 @@ from ..training import make_optimizer, pick_device, train_epoch
 # the evaluate phase with BatchNorm recalibration, the resumable checkpoint).
 SIMULATION_START_S = 35.0
 FEDERATED_ROUND_S = 10.0
+# The same per-round cost on a GPU: a round's span beyond its slowest client's training was
+# 3.3-4.9 s (medians per arm) in the `gpu` suite on an H200, recalibration included.
+FEDERATED_ROUND_S_CUDA = 4.0
 # Evaluation is a forward pass only: about this many times training's throughput.
 EVAL_SPEEDUP = 3.0
 
@@ -92,7 +95,8 @@ def estimate_suite(cfg: RunConfig, seeds: int, train_images: int, test_images: i
     # Federated arms also evaluate each client's validation split every round.
     federated_eval_s = eval_s + epochs * cfg.val_fraction * train_images / (EVAL_SPEEDUP * student_rate)
     central = train_s + eval_s
-    federated = train_s + federated_eval_s + cfg.rounds * FEDERATED_ROUND_S
+    round_s = FEDERATED_ROUND_S_CUDA if device.type == "cuda" else FEDERATED_ROUND_S
+    federated = train_s + federated_eval_s + cfg.rounds * round_s
     # The three federated arms share one Flower run, so one simulation start-up.
     per_seed = (central + 2 * (central + central_fusions * fusion_s)
                 + SIMULATION_START_S + federated + 2 * (federated + federated_fusions * fusion_s))
