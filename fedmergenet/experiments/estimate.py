@@ -20,8 +20,8 @@ from ..training import make_optimizer, pick_device, train_epoch
 # the evaluate phase with BatchNorm recalibration, the resumable checkpoint).
 SIMULATION_START_S = 35.0
 FEDERATED_ROUND_S = 10.0
-# The same per-round cost on a GPU: a round's span beyond its slowest client's training was
-# 3.3-4.9 s (medians per arm) in the `gpu` suite on an H200, recalibration included.
+# The same per-round cost on a GPU: a `gpu` suite round's span beyond its slowest client's
+# training, recalibration included, as measured on an H200 (README, Performance).
 FEDERATED_ROUND_S_CUDA = 4.0
 # Evaluation is a forward pass only: about this many times training's throughput.
 EVAL_SPEEDUP = 3.0
