@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,22 +215,20 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     function (model set-up and the copy back included; the span beyond it is the server's work
     and the messages'), and the span over that training (what is not training shows as the
     excess over 1). A resumed run's clock starts again, so the round before a resume has no span."""
-    import statistics
-
     timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])
              if r.get("round_start_s") is not None and later.get("round_start_s") is not None
              and r.get("slowest_client_train_s")]
     timed = [(r, span) for r, span in timed if span > 0]
     if not timed:
         return None
+    # Rows written before clients reported their whole train function lack it.
+    totals = [r["slowest_client_total_s"] for r, _ in timed if r.get("slowest_client_total_s") is not None]
     return {
         "rounds": len(timed),
         "span_s": statistics.median(span for _, span in timed),
         "slowest_train_s": statistics.median(r["slowest_client_train_s"] for r, _ in timed),
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
-        # None for rows written before clients reported it.
-        "slowest_client_total_s": (statistics.median(totals) if (totals := [
-            r["slowest_client_total_s"] for r, _ in timed if r.get("slowest_client_total_s") is not None]) else None),
+        "slowest_client_total_s": statistics.median(totals) if totals else None,
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }
 

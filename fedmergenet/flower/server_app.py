@@ -149,7 +149,7 @@ class FederatedRun:
             round_start_s=log_.started_s,
             slowest_client_train_s=log_.slowest_train_s,
             slowest_client_recalibrate_s=log_.slowest_recalibrate_s,
-            slowest_client_total_s=log_.slowest_client_s,
+            slowest_client_total_s=log_.slowest_total_s,
             train_loss=train_loss,
             fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
             fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),

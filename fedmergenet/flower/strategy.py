@@ -83,7 +83,7 @@ class RoundLog:
     # overhead) and its slowest recomputation of BatchNorm statistics, which comes first.
     slowest_train_s: float | None = None
     slowest_recalibrate_s: float | None = None
-    slowest_client_s: float | None = None  # a reply's whole train function, set-up included
+    slowest_total_s: float | None = None  # a reply's whole train function, set-up included
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -288,7 +288,7 @@ class MergeNetFusion(Strategy):
         sound = in_content_order(self.screen_replies(server_round, replies))
         log_.slowest_train_s = slowest(sound, "train-seconds")
         log_.slowest_recalibrate_s = slowest(sound, "recalibrate-seconds")
-        log_.slowest_client_s = slowest(sound, "client-seconds")
+        log_.slowest_total_s = slowest(sound, "client-seconds")
         start = time.perf_counter()
         if self.private and self._sent is not None:  # see task.scalars_from
             sound = [map_arrays(msg, lambda record: scalars_from(record, self._sent)) for msg in sound]
