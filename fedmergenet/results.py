@@ -212,23 +212,28 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Where a federated run's rounds spent their time, as medians over the rounds whose span is
     known (a round spans from its train messages going out to the next round's): the span, the
     slowest client's own training and BatchNorm recalibration, the slowest client's whole train
-    function (model set-up and the copy back included; the span beyond it is the server's work
-    and the messages'), and the span over that training (what is not training shows as the
-    excess over 1). A resumed run's clock starts again, so the round before a resume has no span."""
+    function (model set-up and the copy back included), the train phase's exchange (messages out
+    to the last reply in: beyond that client's function it is Flower's and the messages'; the
+    span beyond the exchange is the server's work), and the span over that training (what is not
+    training shows as the excess over 1). A resumed run's clock starts again, so the round before
+    a resume has no span."""
     timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])
              if r.get("round_start_s") is not None and later.get("round_start_s") is not None
              and r.get("slowest_client_train_s")]
     timed = [(r, span) for r, span in timed if span > 0]
     if not timed:
         return None
-    # Rows written before clients reported their whole train function lack it.
-    totals = [r["slowest_client_total_s"] for r, _ in timed if r.get("slowest_client_total_s") is not None]
+    def known(key: str) -> float | None:
+        values = [r[key] for r, _ in timed if r.get(key) is not None]
+        return statistics.median(values) if values else None  # older rows lack the newer timings
+
     return {
         "rounds": len(timed),
         "span_s": statistics.median(span for _, span in timed),
         "slowest_train_s": statistics.median(r["slowest_client_train_s"] for r, _ in timed),
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
-        "slowest_client_total_s": statistics.median(totals) if totals else None,
+        "slowest_client_total_s": known("slowest_client_total_s"),
+        "train_exchange_s": known("train_exchange_s"),
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }
 

@@ -150,6 +150,7 @@ class FederatedRun:
             slowest_client_train_s=log_.slowest_train_s,
             slowest_client_recalibrate_s=log_.slowest_recalibrate_s,
             slowest_client_total_s=log_.slowest_total_s,
+            train_exchange_s=log_.exchange_s,
             train_loss=train_loss,
             fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
             fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),
@@ -264,7 +265,9 @@ class FederatedRun:
                 if unevaluated is not None:  # its statistics will not come: the results so far still hold it
                     self.evaluate_recalibrated(unevaluated, [], arrays)
                 raise
+            sent = time.perf_counter()
             replies = wire.send_and_receive(grid, messages, timeout=timeout)
+            strategy.round_log(server_round).exchange_s = time.perf_counter() - sent
             if unevaluated is not None:  # before this round's adapter update, which the saved state must not hold
                 self.evaluate_recalibrated(unevaluated, replies, arrays)
             aggregated, metrics = strategy.aggregate_train(server_round, replies)
