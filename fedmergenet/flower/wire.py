@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 WIRE = "wire"  # the ConfigRecord with the layout of each packed ArrayRecord
 ERROR = "error"  # why a reply could not be unpacked; its screening rejects it
-POLL_FIRST_S, POLL_MAX_S = 0.05, 0.5  # how often the ServerApp asks the SuperLink for replies
+POLL_FIRST_S, POLL_MAX_S = 0.05, 0.1  # how often the ServerApp asks the SuperLink for replies
 
 
 def pack(record: ArrayRecord) -> tuple[ArrayRecord, dict[str, list[str]]]:
