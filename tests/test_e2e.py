@@ -83,8 +83,8 @@ def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path:
 
     cfg = tiny(tmp_path / "t.pt", tmp_path, lr_milestones="1,2", alpha=0.5)
     units = suite_units(cfg, seeds=[3, 4], root=tmp_path / "suite", cotrain_teacher=True)
-    assert [u.name for u in units[:4]] == ["seed3/federated", "seed3/central", "seed3/central_mergenet",
-                                           "seed3/central_placebo"]
+    assert [u.name for u in units[:5]] == ["seed3/federated", "seed4/federated",  # the longest first
+                                           "seed3/central", "seed3/central_mergenet", "seed3/central_placebo"]
     assert len(units) == 8
     for unit in units:
         args = runner_parser().parse_args(unit.command()[2:])

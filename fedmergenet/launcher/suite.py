@@ -52,18 +52,19 @@ class Unit:
 
 
 def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False) -> list[Unit]:
-    """Seed by seed, its federated run (the longest, so it starts first when units run side by
-    side) and its three central arms."""
-    units = []
+    """Every seed's federated run, then every seed's three central arms: longest first, so that
+    units side by side end together instead of the last seed's federated run (three arms long)
+    starting when the others are nearly done and running on alone."""
+    federated, central = [], []
     for seed in seeds:
         folder = root / f"seed{seed}"
-        federated = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
-        units.append(Unit(f"seed{seed}/federated", federated, central=False))
+        arms = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
+        federated.append(Unit(f"seed{seed}/federated", arms, central=False))
         for name in FUSION_ARMS:
             arm = cfg.replace(seed=seed).with_fusion_arm(name)
             arm = arm.replace(output_dir=str(folder / arm.central_arm))
-            units.append(Unit(f"seed{seed}/{arm.central_arm}", arm, central=True, cotrain_teacher=cotrain_teacher))
-    return units
+            central.append(Unit(f"seed{seed}/{arm.central_arm}", arm, central=True, cotrain_teacher=cotrain_teacher))
+    return federated + central
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
