@@ -1,6 +1,7 @@
 """4: the GPU figures, on a machine with CUDA (``python -m benchmarks --cuda``): a client's
-local epoch on full Fashion-MNIST at batch 32 and 128, evaluation, the fusion step and a
-client's BatchNorm recalibration, each against its plain reference on the same card."""
+local epoch on full Fashion-MNIST at batch 32 and 128, evaluation, the fusion step, a
+client's BatchNorm recalibration and how trainings side by side share the card (sharing.py),
+each against its plain reference on the same card."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fedmergenet.data.splits import client_data, test_loader
 from fedmergenet.models import initial_student
 from fedmergenet.training import evaluate, recalibrate_bn
 
+from . import sharing
 from .measure import Settings, client_throughput, fusion_step, interleaved, median, timed
 
 CUDA = torch.device("cuda")
@@ -87,5 +89,6 @@ def measure(settings: Settings) -> dict[str, Any]:
 
     steps = {"training": lambda: training(settings), "evaluation": lambda: evaluation(settings),
              "fusion": lambda: fusion_step(settings, device="cuda"),
-             "recalibration": lambda: recalibration(settings)}
+             "recalibration": lambda: recalibration(settings),
+             "sharing": lambda: sharing.measure(count=40 if settings.tiny else 200)}
     return {name: step() for name, step in tqdm(steps.items(), desc="CUDA benchmarks", unit="figure")}

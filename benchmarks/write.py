@@ -337,7 +337,7 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
                                    ["our learn (backward, clipping, fused AdamW step, schedule)", f"{f['learn_ms']:.1f}"]]),
               "", f"Ratio: **{f['ratio']:.2f}x** the adapter's bare forward + backward"
               + (f" (medians of {f['samples']} interleaved samples)." if "samples" in f else "."), ""]
-    return lines + recalibration_lines(c)
+    return lines + recalibration_lines(c) + sharing_lines(c)
 
 
 def recalibration_lines(c: dict[str, Any]) -> list[str]:
@@ -354,6 +354,22 @@ def recalibration_lines(c: dict[str, Any]) -> list[str]:
             f"{r['batch_size']}), against that client's training epoch at batch 128 ({train_s:.2f} s, 4a):", "",
             *_table(["", "batches", "s", "vs training"],
                     [[name, n, f"{s:.3f}", f"{s / train_s:.2f}"] for name, n, s in rows]), ""]
+
+
+def sharing_lines(c: dict[str, Any]) -> list[str]:
+    """4e, when the raw data has it (older GPU runs did not measure it)."""
+    if "sharing" not in c:
+        return []
+    s = c["sharing"]
+    ips, n = s["images_per_s"], s["models"]
+    rows = [["one student in one process (reference)", ips["one_process"], 1.0],
+            [f"{n} processes side by side, one student each", ips["processes"], s["vs_one_process"]["processes"]],
+            [f"{n} students in one process, one CUDA stream each", ips["streams"], s["vs_one_process"]["streams"]]]
+    return ["### 4e Several trainings on one card", "",
+            f"The student's recorded training step at batch {s['batch_size']}, {s['steps']} timed steps per "
+            "student, random data already on the card (`benchmarks/sharing.py`). Images per second of all "
+            "students together:", "",
+            *_table(["", "images/s", "vs one process"], [[name, f"{v:,.0f}", f"{r:.2f}"] for name, v, r in rows]), ""]
 
 
 def render(data: dict[str, Any]) -> str:

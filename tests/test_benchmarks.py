@@ -81,6 +81,38 @@ def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() 
     assert "| **ours** (channels_last, recorded step) | 16,000 | 16.00 |" in text
     # A recalibration set against the same client's training epoch: 18,000 images at 16,000 img/s.
     assert "| ours, the gpu preset's `recalibrate-batches` | 32 | 0.113 | 0.10 |" in text
+    assert "4e" not in text  # older raw data did not measure the card's sharing
+
+
+def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> None:
+    from benchmarks.write import cuda_section
+
+    figures = cuda_figures(16_000.0, 1.2) | {"sharing": {
+        "models": 3, "steps": 200, "batch_size": 128,
+        "images_per_s": {"one_process": 20_000.0, "processes": 19_000.0, "streams": 31_000.0},
+        "vs_one_process": {"processes": 0.95, "streams": 1.55}}}
+    text = "\n".join(cuda_section({"cuda": figures}))
+    assert "| 3 processes side by side, one student each | 19,000 | 0.95 |" in text
+    assert "| 3 students in one process, one CUDA stream each | 31,000 | 1.55 |" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_sharing_benchmark_without_a_gpu_is_one_line_and_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.sharing"], cwd=ROOT, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: this benchmark needs a CUDA GPU, and torch sees none here"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainings_sharing_the_card_are_each_timed_to_the_end_of_their_work() -> None:
+    from benchmarks import sharing
+
+    figures = sharing.measure(models=2, count=20)
+    ips = figures["images_per_s"]
+    assert all(0 < value < 1e6 for value in ips.values())
+    assert figures["vs_one_process"]["streams"] == pytest.approx(ips["streams"] / ips["one_process"])
+    assert figures["vs_one_process"]["processes"] == pytest.approx(ips["processes"] / ips["one_process"])
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")

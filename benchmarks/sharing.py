@@ -1,0 +1,129 @@
+"""4e: how several trainings share one GPU (``python -m benchmarks --cuda``, or alone:
+``python -m benchmarks.sharing [--models 3] [--steps 200]``).
+
+The suite runs its arms side by side as processes (``--jobs``), and each federated client is a
+Ray actor, a process of its own. A card without MPS runs one process's kernels at a time, so
+processes side by side may add no images per second to what one process alone gets, while
+several models in one process, each replaying its recorded step on its own CUDA stream, can
+run their kernels at the same time. Measured here: the student's recorded training step at
+batch 128 (random data already on the card, no augmentation: what is shared is the step), the
+same number of steps per model
+
+- alone in one process (the reference),
+- in ``models`` processes at once (started together behind a barrier),
+- as ``models`` students in one process, one CUDA stream each,
+
+as aggregate images per second and as ratios to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from typing import Any
+
+import torch
+
+from fedmergenet.models import build_student
+from fedmergenet.training import CAPTURE_WARMUP_STEPS, make_optimizer
+from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the loop's own step, recorded as it records it
+
+BATCH_SIZE = 128
+
+
+def recorded_steps(models: int, batch_size: int, seed: int = 0) -> list[_CapturedStep]:
+    """``models`` students on the card, each with its step recorded after the loop's warm-up."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda")
+    steps = []
+    for _ in range(models):
+        model = build_student(num_classes=10).to(device, memory_format=torch.channels_last).train()
+        step = _Step(model, make_optimizer(model, lr=0.01), proximal=None)
+        images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 10, (batch_size,), device=device)
+        for _ in range(CAPTURE_WARMUP_STEPS):
+            _on_side_stream(step, images, labels)
+        steps.append(_CapturedStep(step, images, labels))
+    torch.cuda.synchronize()
+    return steps
+
+
+def replay(steps: list[_CapturedStep], streams: list[torch.cuda.Stream], count: int) -> float:
+    """Seconds for ``count`` replays of every step, step i on stream i, until the card is done."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        for step, stream in zip(steps, streams):
+            with torch.cuda.stream(stream):
+                step(step.images, step.labels)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE) -> float:
+    """Aggregate images/s of ``models`` students in this process, each on its own stream (one
+    student: the current stream, the reference)."""
+    steps = recorded_steps(models, batch_size)
+    streams = [torch.cuda.current_stream()] if models == 1 else [torch.cuda.Stream() for _ in steps]
+    replay(steps, streams, max(3, count // 10))  # untimed: the first replays allocate
+    return models * count * batch_size / replay(steps, streams, count)
+
+
+def _process(count: int, batch_size: int, barrier: Any, results: Any) -> None:
+    steps = recorded_steps(1, batch_size)
+    stream = [torch.cuda.current_stream()]
+    replay(steps, stream, max(3, count // 10))
+    barrier.wait()  # every process set up: the timed replays overlap
+    start = time.monotonic()  # system-wide, comparable across processes
+    replay(steps, stream, count)
+    results.put((start, time.monotonic(), count * batch_size))
+
+
+def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeout: float = 600.0) -> float:
+    """Aggregate images/s of ``processes`` processes training one student each, at the same time."""
+    context = mp.get_context("spawn")  # CUDA cannot be forked
+    barrier, results = context.Barrier(processes), context.Queue()
+    children = [context.Process(target=_process, args=(count, batch_size, barrier, results))
+                for _ in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        done = [results.get(timeout=timeout) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    start, end = min(d[0] for d in done), max(d[1] for d in done)
+    return sum(d[2] for d in done) / (end - start)
+
+
+def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+    alone = in_one_process(1, count, batch_size)
+    processes = in_processes(models, count, batch_size)
+    streams = in_one_process(models, count, batch_size)
+    return {"models": models, "steps": count, "batch_size": batch_size,
+            "images_per_s": {"one_process": alone, "processes": processes, "streams": streams},
+            "vs_one_process": {"processes": processes / alone, "streams": streams / alone}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sharing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=int, default=3, help="processes side by side, and streams in one process")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per model")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU, and torch sees none here", file=sys.stderr)
+        return 2
+    if args.models < 1 or args.steps < 1:
+        print("error: --models and --steps must be at least 1", file=sys.stderr)
+        return 2
+    print(json.dumps(measure(args.models, args.steps), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
