@@ -73,6 +73,9 @@ def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must
     assert with_teacher.teacher_s > 0
     assert "teacher pretraining" in with_teacher.describe() and "2 seed(s)" in with_teacher.describe()
     assert "teacher" not in Estimate(teacher_s=0.0, per_seed_s=60.0, seeds=3).describe()
+    # A GPU pretrains the teacher in seconds: said so, not as "~0 min".
+    assert Estimate(teacher_s=23.0, per_seed_s=60.0, seeds=3).describe().startswith(
+        "estimated time: teacher pretraining ~23 s, then ~3 min for 6 arms x 3 seed(s)")
 
 
 def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path: Path) -> None:

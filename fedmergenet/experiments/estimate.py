@@ -38,9 +38,14 @@ class Estimate:
         return self.per_seed_s * self.seeds
 
     def describe(self) -> str:
-        teacher = f"teacher pretraining ~{self.teacher_s / 60:.0f} min, then " if self.teacher_s else ""
-        return (f"estimated time: {teacher}~{self.arms_s / 60:.0f} min for 6 arms x {self.seeds} seed(s) "
+        teacher = f"teacher pretraining {duration(self.teacher_s)}, then " if self.teacher_s else ""
+        return (f"estimated time: {teacher}{duration(self.arms_s)} for 6 arms x {self.seeds} seed(s) "
                 f"(~{self.per_seed_s / 60:.1f} min per seed), from timing a few steps on this machine")
+
+
+def duration(seconds: float) -> str:
+    """Rounded to what an estimate can say: seconds under a minute (a GPU's teacher), else minutes."""
+    return f"~{seconds:.0f} s" if seconds < 59.5 else f"~{seconds / 60:.0f} min"
 
 
 def images_per_second(model: torch.nn.Module, batch_size: int, device: torch.device) -> float:
