@@ -214,7 +214,8 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     slowest client's own training and BatchNorm recalibration, the slowest client's whole train
     function (model set-up and the copy back included), the train phase's exchange (messages out
     to the last reply in: beyond that client's function it is Flower's and the messages'; the
-    span beyond the exchange is the server's work), and the span over that training (what is not
+    span beyond the exchange is the server's work, of which its wait for the previous round's
+    resumable state to reach the disk), and the span over that training (what is not
     training shows as the excess over 1). A resumed run's clock starts again, so the round before
     a resume has no span."""
     timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])
@@ -223,6 +224,7 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     timed = [(r, span) for r, span in timed if span > 0]
     if not timed:
         return None
+
     def known(key: str) -> float | None:
         values = [r[key] for r, _ in timed if r.get(key) is not None]
         return statistics.median(values) if values else None  # older rows lack the newer timings
@@ -234,6 +236,7 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
         "slowest_client_total_s": known("slowest_client_total_s"),
         "train_exchange_s": known("train_exchange_s"),
+        "state_wait_s": None if (wait := known("state_wait_ms")) is None else wait / 1000,
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }
 

@@ -261,8 +261,28 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     """The running means and variances of every BatchNorm, by state_dict name, on the CPU."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()
-            if name.endswith(("running_mean", "running_var"))}
+    statistics = {name: tensor.detach() for name, tensor in model.state_dict().items()
+                  if name.endswith(("running_mean", "running_var"))}
+    return {name: tensor.clone() for name, tensor in moved(statistics, "cpu").items()}
+
+
+def moved(state: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``state`` on ``device``, in one copy per dtype: views into one buffer per dtype, to load or
+    send, not to train in place. Moved one by one, the student's 373 tensors are as many
+    transfers, each waiting for the card, and on a card other processes share (a suite's arms,
+    Ray's actors) each waits for its turn. Already there, ``state`` is returned as it is."""
+    device = torch.device(device)
+    if all(tensor.device == device for tensor in state.values()):
+        return state
+    names: dict[torch.dtype, list[str]] = {}
+    for name, tensor in state.items():
+        names.setdefault(tensor.dtype, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for group in names.values():
+        flat = torch.cat([state[name].detach().reshape(-1) for name in group]).to(device)
+        for name, piece in zip(group, flat.split([state[name].numel() for name in group])):
+            out[name] = piece.view(state[name].shape)
+    return {name: out[name] for name in state}
 
 
 def pool_bn_statistics(stats: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -68,3 +68,33 @@ def test_state_checksum_tells_equal_models_from_changed_ones():
     assert state_checksum(c.state_dict()) == state_checksum(a.state_dict())
     c.state_dict()["pre.1.running_mean"].add_(1.0)
     assert state_checksum(c.state_dict()) != state_checksum(a.state_dict())
+
+
+def test_a_state_moves_by_name_in_one_copy_per_dtype():
+    """``moved`` keeps every name, shape and dtype (BatchNorm's 0-d int64 counters included), in
+    the state's order; a state already on the device comes back as it is."""
+    from fedmergenet.training import moved
+
+    state = build_student(num_classes=10).state_dict()
+    assert moved(state, "cpu") is state
+    on_meta = moved(state, "meta")
+    assert list(on_meta) == list(state)
+    assert all(on_meta[name].device.type == "meta" for name in state)
+    assert all((on_meta[name].shape, on_meta[name].dtype) == (t.shape, t.dtype) for name, t in state.items())
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist package")
+def test_a_new_student_on_a_device_is_made_there_uninitialised_and_loads_the_global_model():
+    from flwr.app import ArrayRecord
+
+    from fedmergenet.config import RunConfig
+    from fedmergenet.flower.task import load_arrays
+    from fedmergenet.models import initial_student, new_student
+
+    cfg = RunConfig(dataset="fashion-mnist", train_limit=64, test_limit=32)
+    global_model = initial_student(cfg)
+    student = new_student(cfg, torch.device("cpu"))
+    load_arrays(student, ArrayRecord(global_model.state_dict()))
+    assert state_checksum(student.state_dict()) == state_checksum(global_model.state_dict())
+    assert student.state_dict()["pre.1.num_batches_tracked"].dtype == torch.int64

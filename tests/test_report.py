@@ -414,7 +414,7 @@ def test_round_times_split_a_federated_runs_rounds_into_training_and_the_rest():
             total: float | None = None, exchange: float | None = None) -> dict:
         return {"round": n, "round_start_s": start, "slowest_client_train_s": train,
                 "slowest_client_recalibrate_s": recalibrate, "slowest_client_total_s": total,
-                "train_exchange_s": exchange}
+                "train_exchange_s": exchange, "state_wait_ms": None if exchange is None else 40.0}
 
     rows = [row(0, None, None), row(1, 10.0, 3.3, 6.0, 9.8, 9.9), row(2, 19.5, 3.3, 6.0, 9.9, 10.1),
             row(3, 29.0, 3.3, 6.0), row(4, 2.0, 3.3, 6.0)]
@@ -426,6 +426,9 @@ def test_round_times_split_a_federated_runs_rounds_into_training_and_the_rest():
     assert times["span_over_training"] == pytest.approx(9.5 / 3.3)
     assert times["slowest_client_total_s"] == pytest.approx(9.85)  # the client's whole train function
     assert times["train_exchange_s"] == pytest.approx(10.0)  # that function and Flower's messages
-    older = round_times([{**r, "slowest_client_total_s": None, "train_exchange_s": None} for r in rows])
+    assert times["state_wait_s"] == pytest.approx(0.04)  # the server waiting for the disk
+    older = round_times([{**r, "slowest_client_total_s": None, "train_exchange_s": None, "state_wait_ms": None}
+                         for r in rows])
     assert older["slowest_client_total_s"] is None and older["train_exchange_s"] is None
+    assert older["state_wait_s"] is None
     assert round_times(rows[:2]) is None  # no round's span is known yet

@@ -99,6 +99,8 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     spans = [b - a for a, b in zip(starts, starts[1:])]
     assert all(r["train_exchange_s"] >= r["slowest_client_total_s"] for r in folded[1:])
     assert all(r["train_exchange_s"] < span for r, span in zip(folded[1:], spans))
+    # Each evaluation records how long it waited for the previous round's state to reach the disk.
+    assert all(0 <= r["state_wait_ms"] < 1000 * r["wall_time_s"] for r in folded)
     # Round 1's clients start from the initial model, whose statistics need no recomputing.
     assert folded[1]["slowest_client_recalibrate_s"] < 0.01 < folded[2]["slowest_client_recalibrate_s"]
     assert read_summary(tmp_path / "folded")["round_times"]["rounds"] == 1  # round 2's span has no end

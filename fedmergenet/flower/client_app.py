@@ -18,8 +18,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..config import RunConfig
 from ..training import evaluate as evaluate_model
-from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, pick_device, recalibrate_bn,
-                        step_compiler, train_epoch)
+from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler, moved, pick_device,
+                        recalibrate_bn, step_compiler, train_epoch)
 from ..data.splits import ClientData, client_data
 from ..models import new_student
 from .task import STATISTICS, as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
@@ -94,9 +94,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, partition_id, num_partitions, device = _setup(msg, context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
-    model = new_student(cfg)
+    model = new_student(cfg, device)
     load_arrays(model, msg.content["arrays"])
-    model.to(device)
     content = RecordDict()
     start = time.perf_counter()
     if bool(config.get("recalibrate-bn", False)):
@@ -110,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     loss, num_train = local_train(cfg, model, partition_id, num_partitions, server_round, device,
                                   proximal_mu=float(config.get("proximal-mu", 0.0)))
     train_seconds = time.perf_counter() - start
-    content["arrays"] = ArrayRecord(model.cpu().state_dict())
+    content["arrays"] = ArrayRecord(moved(model.state_dict(), "cpu"))
     metrics = MetricRecord({
         "train-loss": loss,
         "num-examples": num_train,
@@ -142,9 +141,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``local-eval`` false); when the server asks, first recompute its BatchNorm statistics on the
     local training split and send them back."""
     cfg, partition_id, num_partitions, device = _setup(msg, context)
-    model = new_student(cfg)
+    model = new_student(cfg, device)
     load_arrays(model, msg.content["arrays"])
-    model.to(device)
     data = client_data(cfg, partition_id, num_partitions, device=device)
     config = msg.content["config"]
     content = RecordDict()

@@ -18,7 +18,7 @@ from ..config import RunConfig, validate
 from ..data.splits import test_loader, train_set
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
-from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, state_checksum
+from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, new_student, state_checksum
 from ..results import (append_metrics, metrics_row, read_metrics, rewrite_metrics, round_times, summarize,
                        write_summary)
 from ..teacher import load_teacher, teacher_for_run
@@ -92,6 +92,7 @@ class FederatedRun:
                 random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
         self.test_loader = test_loader(cfg, self.device)
         self.student = initial_student(cfg)
+        self.evaluated = new_student(cfg, self.device)  # each round's global model, evaluated where it lives
         self.fusion_unit = self._fusion_unit() if cfg.fusion else None
         self.strategy = MergeNetFusion(
             build_strategy(cfg, sampling(cfg)),
@@ -117,17 +118,19 @@ class FederatedRun:
     def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """After each round's BatchNorm recalibration (and for round 0): evaluate the global
         model, record, save the state."""
-        load_arrays(self.student, arrays)
-        self.student.to(self.device)
+        load_arrays(self.evaluated, arrays)
         start = time.perf_counter()
-        result = evaluate(self.student, self.test_loader, self.device, desc=f"server eval round {server_round}")
+        result = evaluate(self.evaluated, self.test_loader, self.device, desc=f"server eval round {server_round}")
         eval_ms = 1000 * (time.perf_counter() - start)
-        self.student.cpu()
+        start = time.perf_counter()
+        self.states.wait()  # the previous round's state, written in the background, is on disk
         row = self.row(server_round, result, self.strategy.round_log(server_round)) | {
-            "server_eval_ms": eval_ms, "layer_std": float(arrays[STUDENT_LAYER].numpy().std())}
+            "server_eval_ms": eval_ms, "state_wait_ms": 1000 * (time.perf_counter() - start),
+            "layer_std": float(arrays[STUDENT_LAYER].numpy().std())}
         append_metrics(self.out, row)
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
+            load_arrays(self.student, arrays)  # on the CPU, in the student's own dtypes
             save_torch(self.out / "best_model.pt", self.student.state_dict())
         self.states.save(self.state(server_round, arrays))  # written in the background while the run goes on
         write_summary(self.out, self.summary(status="running"))

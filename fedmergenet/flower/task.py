@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.supercore.utils import get_flwr_home
 
 from ..config import PROJECT_ROOT, RunConfig
+from ..training import moved
 
 # The ArrayRecord of a reply that carries the BatchNorm statistics a client recomputed for the
 # global model it was sent (an evaluate reply, or a train reply when the server asks).
@@ -60,8 +61,11 @@ def _editable_source(package: str) -> Path | None:
 
 
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
-    """Load by name, strictly: a missing or extra tensor is an error, never silently skipped."""
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    """Load by name, strictly: a missing or extra tensor is an error, never silently skipped.
+    The tensors reach the model's device in one copy per dtype (``moved``)."""
+    device = next(model.parameters()).device
+    model.load_state_dict(moved(arrays.to_torch_state_dict(), device), strict=True)
+
 
 
 def as_float(arrays: ArrayRecord) -> ArrayRecord:

@@ -21,11 +21,18 @@ def build_teacher(num_classes: int = 100, in_channels: int = 3) -> ResNet50:
     return ResNet50(num_classes=num_classes, in_channels=in_channels)
 
 
-def new_student(cfg: RunConfig) -> MobileNetV2:
-    """A student whose weights are about to be overwritten (clients load the global model)."""
+def new_student(cfg: RunConfig, device: torch.device | None = None) -> MobileNetV2:
+    """A student whose weights are about to be overwritten (clients load the global model). On
+    ``device`` its tensors are allocated there and left uninitialised: no initialisation to
+    throw away, and no copy of its 373 tensors to the card one by one."""
     from ..data.splits import train_set
 
-    return build_student(num_classes=train_set(cfg).num_classes)
+    num_classes = train_set(cfg).num_classes
+    if device is None:
+        return build_student(num_classes=num_classes)
+    with torch.device("meta"):
+        student = build_student(num_classes=num_classes)
+    return student.to_empty(device=device)
 
 
 def initial_student(cfg: RunConfig) -> MobileNetV2:
