@@ -274,9 +274,9 @@ def moved(state: dict[str, torch.Tensor], device: torch.device | str) -> dict[st
     device = torch.device(device)
     if all(tensor.device == device for tensor in state.values()):
         return state
-    names: dict[torch.dtype, list[str]] = {}
+    names: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for name, tensor in state.items():
-        names.setdefault(tensor.dtype, []).append(name)
+        names.setdefault((tensor.dtype, tensor.device), []).append(name)
     out: dict[str, torch.Tensor] = {}
     for group in names.values():
         flat = torch.cat([state[name].detach().reshape(-1) for name in group]).to(device)

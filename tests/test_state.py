@@ -16,8 +16,12 @@ def state(weights: torch.Tensor, moments: torch.Tensor, server_round: int) -> Se
                        best_top1=0.5, elapsed_s=1.0)
 
 
-def test_the_state_saved_is_the_rounds_even_when_training_changes_the_tensors_right_after(tmp_path: Path) -> None:
-    weights, moments = torch.zeros(256, 256), torch.ones(256, 256)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_state_saved_is_the_rounds_even_when_training_changes_the_tensors_right_after(tmp_path: Path,
+                                                                                       device: str) -> None:
+    """On a GPU the adapter and its moments live there: copied to the host in one go, then saved."""
+    weights, moments = torch.zeros(256, 256, device=device), torch.ones(256, 256, device=device)
     writer = StateWriter(tmp_path)
     writer.save(state(weights, moments, server_round=3))
     weights.add_(1.0)  # the next round's fusion and learning work in place at once

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..atomic import save_torch
+from ..training import moved
 
 STATE_FILE = "server_state.pt"
 
@@ -55,14 +57,33 @@ def _payload(state: ServerState) -> dict[str, Any]:
 
 
 def _snapshot(obj: Any) -> Any:
-    """``obj`` with every tensor copied to the CPU: training goes on changing the originals in place."""
+    """``obj`` with every tensor copied to the CPU: training goes on changing the originals in
+    place. The tensors on a device (the adapter and its AdamW moments on a GPU) come over in one
+    copy per dtype (``moved``), not one wait on the card each."""
+    on_device = {str(id(t)): t.detach() for t in _tensors(obj) if t.device.type != "cpu"}
+    copies = moved(on_device, "cpu") if on_device else {}
+
+    def copied(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return copies[str(id(value))] if value.device.type != "cpu" else value.detach().clone()
+        if isinstance(value, dict):
+            return {key: copied(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copied(item) for item in value)
+        return value
+
+    return copied(obj)
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: _snapshot(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(value) for value in obj)
-    return obj
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
 
 
 class StateWriter:
