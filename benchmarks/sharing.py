@@ -11,6 +11,9 @@ same number of steps per model
 
 - alone in one process (the reference),
 - in ``models`` processes at once (started together behind a barrier),
+- the same under CUDA MPS, which runs several processes' kernels at once: a control daemon of
+  the benchmark's own (its pipe folder private, so no other process joins it), stopped after;
+  left out where the machine has no ``nvidia-cuda-mps-control`` or it does not start,
 - as ``models`` students in one process, one CUDA stream each,
 
 as aggregate images per second and as ratios to the reference.
@@ -21,8 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
+import queue
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -76,22 +86,42 @@ def _process(count: int, batch_size: int, barrier: Any, results: Any) -> None:
     steps = recorded_steps(1, batch_size)
     stream = [torch.cuda.current_stream()]
     replay(steps, stream, max(3, count // 10))
-    barrier.wait()  # every process set up: the timed replays overlap
+    barrier.wait(timeout=300)  # every process set up: the timed replays overlap
     start = time.monotonic()  # system-wide, comparable across processes
     replay(steps, stream, count)
     results.put((start, time.monotonic(), count * batch_size))
 
 
-def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeout: float = 600.0) -> float:
-    """Aggregate images/s of ``processes`` processes training one student each, at the same time."""
+def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeout: float = 600.0,
+                 env: dict[str, str] | None = None) -> float:
+    """Aggregate images/s of ``processes`` processes training one student each, at the same time
+    (with ``env`` added to their environment)."""
     context = mp.get_context("spawn")  # CUDA cannot be forked
     barrier, results = context.Barrier(processes), context.Queue()
     children = [context.Process(target=_process, args=(count, batch_size, barrier, results))
                 for _ in range(processes)]
-    for child in children:
-        child.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # a spawned child starts with this process's environment
     try:
-        done = [results.get(timeout=timeout) for _ in children]
+        for child in children:
+            child.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    done: list[tuple[float, float, int]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) < processes:
+            try:
+                done.append(results.get(timeout=1.0))
+            except queue.Empty:
+                if any(child.exitcode not in (None, 0) for child in children) or time.monotonic() > deadline:
+                    raise RuntimeError(f"a process failed or ran past {timeout:.0f} s "
+                                       f"(exit codes {[child.exitcode for child in children]})") from None
+    except BaseException:
+        for child in children:  # the others would wait at the barrier
+            child.kill()
+        raise
     finally:
         for child in children:
             child.join(timeout=30)
@@ -101,13 +131,44 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     return sum(d[2] for d in done) / (end - start)
 
 
+@contextmanager
+def private_mps() -> Iterator[dict[str, str] | None]:
+    """The environment that connects a process to a CUDA MPS control daemon of our own, started
+    for the block and stopped after it; None where there is none to start."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="fedmergenet-mps-") as folder:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
+               "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
+        for path in env.values():
+            os.makedirs(path)
+        try:
+            started = subprocess.run([control, "-d"], env=os.environ | env, capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            started = False
+        try:
+            yield env if started else None
+        finally:
+            if started:
+                subprocess.run([control], input=b"quit\n", env=os.environ | env, capture_output=True, timeout=60)
+
+
 def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     alone = in_one_process(1, count, batch_size)
-    processes = in_processes(models, count, batch_size)
-    streams = in_one_process(models, count, batch_size)
-    return {"models": models, "steps": count, "batch_size": batch_size,
-            "images_per_s": {"one_process": alone, "processes": processes, "streams": streams},
-            "vs_one_process": {"processes": processes / alone, "streams": streams / alone}}
+    ips = {"one_process": alone, "processes": in_processes(models, count, batch_size)}
+    mps_error = None
+    with private_mps() as env:
+        if env is not None:
+            try:
+                ips["processes_mps"] = in_processes(models, count, batch_size, env=env)
+            except RuntimeError as exc:  # the daemon started, its clients could not use it
+                mps_error = str(exc)
+    ips["streams"] = in_one_process(models, count, batch_size)
+    return {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
+            "vs_one_process": {name: value / alone for name, value in ips.items() if name != "one_process"},
+            "mps_error": mps_error}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -363,13 +363,17 @@ def sharing_lines(c: dict[str, Any]) -> list[str]:
     s = c["sharing"]
     ips, n = s["images_per_s"], s["models"]
     rows = [["one student in one process (reference)", ips["one_process"], 1.0],
-            [f"{n} processes side by side, one student each", ips["processes"], s["vs_one_process"]["processes"]],
-            [f"{n} students in one process, one CUDA stream each", ips["streams"], s["vs_one_process"]["streams"]]]
+            [f"{n} processes side by side, one student each", ips["processes"], s["vs_one_process"]["processes"]]]
+    if "processes_mps" in ips:
+        rows.append(["the same under CUDA MPS", ips["processes_mps"], s["vs_one_process"]["processes_mps"]])
+    rows.append([f"{n} students in one process, one CUDA stream each", ips["streams"], s["vs_one_process"]["streams"]])
     return ["### 4e Several trainings on one card", "",
             f"The student's recorded training step at batch {s['batch_size']}, {s['steps']} timed steps per "
             "student, random data already on the card (`benchmarks/sharing.py`). Images per second of all "
             "students together:", "",
-            *_table(["", "images/s", "vs one process"], [[name, f"{v:,.0f}", f"{r:.2f}"] for name, v, r in rows]), ""]
+            *_table(["", "images/s", "vs one process"], [[name, f"{v:,.0f}", f"{r:.2f}"] for name, v, r in rows]), "",
+            *([] if "processes_mps" in ips else ["CUDA MPS: not measured (no `nvidia-cuda-mps-control` on the machine, "
+                                                 "or its daemon did not start).", ""])]
 
 
 def render(data: dict[str, Any]) -> str:

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # On a GPU machine, after scripts/gpu_machine.sh has put Flower and Ray in place: the GPU
-# tests, then the gpu preset's suite for one seed with three arms side by side, stopped after
-# SUITE_SECONDS; the logs, metrics and summaries (no model files) go to OUT_DIR.
+# tests, how trainings share the card (benchmarks/sharing.py), then the gpu preset's suite for
+# one seed with three arms side by side, stopped after SUITE_SECONDS; the logs, metrics and
+# summaries (no model files) go to OUT_DIR. TESTS=0 or SHARING=0 leaves out those steps.
 #
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
-# The whole comparison (3 seeds) without the tests: TESTS=0 ... gpu_checks.sh out 540 --seeds 0 1 2
+# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 ... gpu_checks.sh out 540 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -26,6 +27,10 @@ if [ "${TESTS:-1}" != 0 ]; then
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
         > "$OUT_DIR/gpu_tests.log" 2>&1
     step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
+fi
+if [ "${SHARING:-1}" != 0 ]; then
+    timeout 180 python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
+    step "sharing benchmark: exit $? ($(tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300))"
 fi
 timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
     --results-root results/gpu-checks "$@" > "$OUT_DIR/suite.log" 2>&1

@@ -4,8 +4,10 @@ rendered. (What the figures are on real settings: BENCHMARKS.md; benchmarks are 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,11 @@ def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> 
     text = "\n".join(cuda_section({"cuda": figures}))
     assert "| 3 processes side by side, one student each | 19,000 | 0.95 |" in text
     assert "| 3 students in one process, one CUDA stream each | 31,000 | 1.55 |" in text
+    assert "CUDA MPS: not measured" in text  # this machine had no MPS
+    figures["sharing"]["images_per_s"]["processes_mps"] = 40_000.0
+    figures["sharing"]["vs_one_process"]["processes_mps"] = 2.0
+    text = "\n".join(cuda_section({"cuda": figures}))
+    assert "| the same under CUDA MPS | 40,000 | 2.00 |" in text and "not measured" not in text
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
@@ -102,6 +109,19 @@ def test_the_sharing_benchmark_without_a_gpu_is_one_line_and_exit_2() -> None:
                             stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: this benchmark needs a CUDA GPU, and torch sees none here"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_training_process_that_fails_stops_the_side_by_side_measurement_with_the_exit_codes() -> None:
+    """Without a GPU each process fails to record its step: the measurement says so at once,
+    instead of the others waiting for it at the barrier."""
+    from benchmarks import sharing
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"a process failed or ran past 120 s \(exit codes \[.*1.*\]\)"):
+        sharing.in_processes(2, count=1, timeout=120, env={"FEDMERGENET_TEST": "1"})
+    assert time.monotonic() - start < 100
+    assert "FEDMERGENET_TEST" not in os.environ  # the children's environment, not this process's
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,6 +133,7 @@ def test_trainings_sharing_the_card_are_each_timed_to_the_end_of_their_work() ->
     assert all(0 < value < 1e6 for value in ips.values())
     assert figures["vs_one_process"]["streams"] == pytest.approx(ips["streams"] / ips["one_process"])
     assert figures["vs_one_process"]["processes"] == pytest.approx(ips["processes"] / ips["one_process"])
+    assert set(ips) in ({"one_process", "processes", "streams"}, {"one_process", "processes", "processes_mps", "streams"})
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
