@@ -272,6 +272,8 @@ def moved(state: dict[str, torch.Tensor], device: torch.device | str) -> dict[st
     transfers, each waiting for the card, and on a card other processes share (a suite's arms,
     Ray's actors) each waits for its turn. Already there, ``state`` is returned as it is."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as tensors there name it
     if all(tensor.device == device for tensor in state.values()):
         return state
     names: dict[tuple[torch.dtype, torch.device], list[str]] = {}

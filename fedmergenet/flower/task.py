@@ -67,7 +67,6 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     model.load_state_dict(moved(arrays.to_torch_state_dict(), device), strict=True)
 
 
-
 def as_float(arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` with integer arrays (BatchNorm's num_batches_tracked) as float64, the rest as is.
 
