@@ -26,17 +26,13 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from fedmergenet.launcher.processes import private_mps
 from fedmergenet.models import build_student
 from fedmergenet.training import CAPTURE_WARMUP_STEPS, make_optimizer
 from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the loop's own step, recorded as it records it
@@ -129,30 +125,6 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
                 child.kill()
     start, end = min(d[0] for d in done), max(d[1] for d in done)
     return sum(d[2] for d in done) / (end - start)
-
-
-@contextmanager
-def private_mps() -> Iterator[dict[str, str] | None]:
-    """The environment that connects a process to a CUDA MPS control daemon of our own, started
-    for the block and stopped after it; None where there is none to start."""
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="fedmergenet-mps-") as folder:
-        env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
-               "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
-        for path in env.values():
-            os.makedirs(path)
-        try:
-            started = subprocess.run([control, "-d"], env=os.environ | env, capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            started = False
-        try:
-            yield env if started else None
-        finally:
-            if started:
-                subprocess.run([control], input=b"quit\n", env=os.environ | env, capture_output=True, timeout=60)
 
 
 def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:

@@ -6,10 +6,12 @@ Every run option is a RunConfig field, so the same flags work on the runner and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .config import DEFAULT_PRESET, RunConfig, add_run_options, apply_preset, config_from_args, preset_names
@@ -150,6 +152,11 @@ def runner_parser() -> argparse.ArgumentParser:
                         help="--suite: arms run side by side, each its own process (default 1: one at a time); "
                              "on a GPU this overlaps start-ups and evaluation, not training, which one arm's "
                              "recorded step already keeps the card busy with")
+    parser.add_argument("--mps", action="store_true",
+                        help="on a GPU: run every process of this run (the suite's arms, Ray's client actors) under "
+                             "a CUDA MPS daemon of its own, started and stopped with the run, so that their kernels "
+                             "share the card at once instead of taking turns (BENCHMARKS.md 4e; needs NVIDIA's "
+                             "nvidia-cuda-mps-control)")
     parser.add_argument("--central", action="store_true", help="run the single-machine baseline instead")
     parser.add_argument("--cotrain-teacher", action="store_true", help="central MergeNet: train the teacher alongside, as the original")
     parser.add_argument("--pretrain-teacher", action="store_true", help="only pretrain the teacher checkpoint")
@@ -165,6 +172,33 @@ def runner_parser() -> argparse.ArgumentParser:
 def runner_main(argv: Sequence[str] | None = None) -> int:
     args = runner_parser().parse_args(argv)
     cfg = _config(args)
+    with _mps(args.mps):
+        return _run(args, cfg)
+
+
+@contextlib.contextmanager
+def _mps(wanted: bool) -> Iterator[None]:
+    """With ``wanted``, this process and every process it starts (they inherit its environment)
+    run under a CUDA MPS daemon of the run's own."""
+    if not wanted:
+        yield
+        return
+    from .launcher.processes import private_mps
+
+    with private_mps() as env:
+        if env is None:
+            raise ConfigError("--mps needs NVIDIA's nvidia-cuda-mps-control on the PATH, and a daemon it starts; "
+                              "there is none here")
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from .checks import check_run
     from .experiments.pretrain import ensure_teacher, pretrain_teacher
 

@@ -56,3 +56,44 @@ def test_a_process_that_has_exited_has_no_descendants_and_stops_at_once() -> Non
         assert processes.descendants(process.pid) == [] and not processes.alive(process.pid)
         processes.stop_process(process)
         assert process.returncode == 0
+
+
+FAKE_MPS_CONTROL = """#!/bin/sh
+# Stands in for NVIDIA's nvidia-cuda-mps-control: records how it was called and with which pipe folder.
+echo "$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> "$MPS_CALLS"
+"""
+
+
+def test_a_private_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon gets a pipe folder of its own (no process outside the block joins it), and
+    is told to quit on the way out; without NVIDIA's control program there is none."""
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    control.write_text(FAKE_MPS_CONTROL)
+    control.chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("MPS_CALLS", str(calls))
+    monkeypatch.setenv("PATH", f"{control.parent}:/usr/bin:/bin")
+
+    with processes.private_mps() as env:
+        assert env is not None and Path(env["CUDA_MPS_PIPE_DIRECTORY"]).is_dir()
+        pipe = env["CUDA_MPS_PIPE_DIRECTORY"]
+        assert calls.read_text().splitlines() == [f"-d pipe={pipe} stdin="]
+    assert calls.read_text().splitlines()[1:] == [f" pipe={pipe} stdin=quit"]
+    assert not Path(pipe).exists()  # the temporary folder is gone
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with processes.private_mps() as env:
+        assert env is None
+
+
+def test_mps_on_a_machine_without_it_is_one_line_and_exit_2_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmergenet.cli import runner_main
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert runner_main(["--mps", "--random-teacher", "--output-dir", str(tmp_path / "run")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--mps needs NVIDIA's nvidia-cuda-mps-control" in errors[0]
+    assert not (tmp_path / "run").exists()

@@ -8,8 +8,10 @@ import contextlib
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -211,3 +213,30 @@ def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_whe
                   file=sys.stderr, flush=True)
             return 1
         return process.wait()
+
+
+@contextlib.contextmanager
+def private_mps() -> Iterator[dict[str, str] | None]:
+    """The environment that connects a process to a CUDA MPS control daemon of our own, started
+    for the block and stopped after it; None where there is none to start. MPS runs several
+    processes' kernels on a card at once, where without it they take turns. Its pipe folder is
+    a temporary one, so no process outside the block's joins it."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="fedmergenet-mps-") as folder:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
+               "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
+        for path in env.values():
+            os.makedirs(path)
+        try:
+            started = subprocess.run([control, "-d"], env=os.environ | env, stdin=subprocess.DEVNULL,
+                                     capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            started = False
+        try:
+            yield env if started else None
+        finally:
+            if started:
+                subprocess.run([control], input=b"quit\n", env=os.environ | env, capture_output=True, timeout=60)
