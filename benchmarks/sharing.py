@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedmergenet.launcher.processes import private_mps
+from fedmergenet.launcher.processes import environment_with, private_mps
 from fedmergenet.models import build_student
 from fedmergenet.training import CAPTURE_WARMUP_STEPS, make_optimizer
 from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the loop's own step, recorded as it records it
@@ -69,19 +68,24 @@ def replay(steps: list[_CapturedStep], streams: list[torch.cuda.Stream], count: 
     return time.perf_counter() - start
 
 
+def ready(models: int, count: int, batch_size: int) -> tuple[list[_CapturedStep], list[torch.cuda.Stream]]:
+    """``models`` recorded steps with a stream each (one: the current stream), replayed untimed
+    a tenth of ``count`` times: the first replays allocate."""
+    steps = recorded_steps(models, batch_size)
+    streams = [torch.cuda.current_stream()] if models == 1 else [torch.cuda.Stream() for _ in steps]
+    replay(steps, streams, max(3, count // 10))
+    return steps, streams
+
+
 def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE) -> float:
     """Aggregate images/s of ``models`` students in this process, each on its own stream (one
     student: the current stream, the reference)."""
-    steps = recorded_steps(models, batch_size)
-    streams = [torch.cuda.current_stream()] if models == 1 else [torch.cuda.Stream() for _ in steps]
-    replay(steps, streams, max(3, count // 10))  # untimed: the first replays allocate
+    steps, streams = ready(models, count, batch_size)
     return models * count * batch_size / replay(steps, streams, count)
 
 
 def _process(count: int, batch_size: int, barrier: Any, results: Any) -> None:
-    steps = recorded_steps(1, batch_size)
-    stream = [torch.cuda.current_stream()]
-    replay(steps, stream, max(3, count // 10))
+    steps, stream = ready(1, count, batch_size)
     barrier.wait(timeout=300)  # every process set up: the timed replays overlap
     start = time.monotonic()  # system-wide, comparable across processes
     replay(steps, stream, count)
@@ -96,14 +100,9 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     barrier, results = context.Barrier(processes), context.Queue()
     children = [context.Process(target=_process, args=(count, batch_size, barrier, results))
                 for _ in range(processes)]
-    saved = dict(os.environ)
-    os.environ.update(env or {})  # a spawned child starts with this process's environment
-    try:
+    with environment_with(env or {}):
         for child in children:
             child.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     done: list[tuple[float, float, int]] = []
     deadline = time.monotonic() + timeout
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import warnings
@@ -183,19 +182,14 @@ def _mps(wanted: bool) -> Iterator[None]:
     if not wanted:
         yield
         return
-    from .launcher.processes import private_mps
+    from .launcher.processes import environment_with, private_mps
 
     with private_mps() as env:
         if env is None:
             raise ConfigError("--mps needs NVIDIA's nvidia-cuda-mps-control on the PATH, and a daemon it starts; "
                               "there is none here")
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
+        with environment_with(env):
             yield
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig) -> int:

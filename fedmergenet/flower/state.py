@@ -61,7 +61,7 @@ def _snapshot(obj: Any) -> Any:
     place. The tensors on a device (the adapter and its AdamW moments on a GPU) come over in one
     copy per dtype (``moved``), not one wait on the card each."""
     on_device = {str(id(t)): t.detach() for t in _tensors(obj) if t.device.type != "cpu"}
-    copies = moved(on_device, "cpu") if on_device else {}
+    copies = moved(on_device, "cpu")
 
     def copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):

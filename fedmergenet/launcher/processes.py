@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -213,6 +213,19 @@ def follow(command: Sequence[str], env: dict[str, str], log_path: Path, stop_whe
                   file=sys.stderr, flush=True)
             return 1
         return process.wait()
+
+
+@contextlib.contextmanager
+def environment_with(env: dict[str, str]) -> Iterator[None]:
+    """``env`` added to this process's environment for the block, which every process started
+    in it inherits (a spawned Python child too); the environment as it was afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
