@@ -315,11 +315,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.teacher_epochs >= 1, f"--teacher-epochs must be at least 1 (got {cfg.teacher_epochs})"),
         (0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {cfg.val_fraction})"),
         (cfg.round_timeout > 0 and cfg.node_wait_timeout > 0, "timeouts must be positive"),
+        (0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32) (got {cfg.seed})"),
+        (cfg.eval_batch_size >= 1, f"--eval-batch-size must be at least 1 (got {cfg.eval_batch_size})"),
+        (cfg.client_threads >= 0, f"--client-threads must be >= 0 (got {cfg.client_threads})"),
         (cfg.fusion or not cfg.placebo_teacher, "--placebo-teacher is a fusion arm: drop --no-fusion"),
         (set(cfg.fusion_arms.split()) <= set(FUSION_ARMS),
          f"--fusion-arms lists arms among {', '.join(FUSION_ARMS)} (got {cfg.fusion_arms!r})"),
         (not (cfg.fusion_arms and cfg.resume), "--resume continues one arm: drop --fusion-arms"),
-    ] + strategy_checks(cfg)
+    ] + optimiser_checks(cfg) + strategy_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -329,6 +332,28 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"--lr-milestones must be fractions of the run in (0, 1) like 0.3,0.6,0.8 or whole "
                           f"epochs like 60,120,160 (got {cfg.lr_milestones!r}: {exc})") from None
     return cfg
+
+
+def optimiser_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """The local SGD, the teacher's and the adapter's settings; every float option finite (a NaN
+    passes no comparison, but inf passes some and would train a run into NaN)."""
+    infinite = [key_of(f.name) for f in fields(cfg) if isinstance(getattr(cfg, f.name), float)
+                and not math.isfinite(getattr(cfg, f.name))]
+    return [
+        (not infinite, f"--{', --'.join(infinite)} must be a finite number"),
+        (cfg.lr > 0, f"--lr must be positive (got {cfg.lr})"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1) (got {cfg.momentum})"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0 (got {cfg.weight_decay})"),
+        (0 < cfg.lr_gamma <= 1, f"--lr-gamma must be in (0, 1] (got {cfg.lr_gamma})"),
+        (cfg.teacher_lr > 0, f"--teacher-lr must be positive (got {cfg.teacher_lr})"),
+        (cfg.adapter_lr > 0, f"--adapter-lr must be positive (got {cfg.adapter_lr})"),
+        (cfg.adapter_weight_decay >= 0, f"--adapter-weight-decay must be >= 0 (got {cfg.adapter_weight_decay})"),
+        (cfg.adapter_clip > 0, f"--adapter-clip must be positive (got {cfg.adapter_clip})"),
+        (cfg.adapter_warmup >= 0, f"--adapter-warmup must be >= 0 (got {cfg.adapter_warmup})"),
+        (cfg.adapter_layers >= 1, f"--adapter-layers must be at least 1 (got {cfg.adapter_layers})"),
+        # Each attention path is at least 128 wide, split among the heads.
+        (1 <= cfg.adapter_heads <= 128, f"--adapter-heads must be in [1, 128] (got {cfg.adapter_heads})"),
+    ]
 
 
 # Options that only one family of strategies reads, and the strategies that read them.

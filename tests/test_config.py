@@ -113,6 +113,18 @@ def test_anchored_paths_are_absolute_and_absolute_paths_stay():
         ({"device": "tpu"}, "unknown device"),
         ({"fusion_arms": "plain best"}, "--fusion-arms"),
         ({"fusion_arms": "plain", "resume": True}, "--fusion-arms"),
+        ({"lr": -1.0}, "--lr must be positive"),
+        ({"lr": float("nan")}, "--lr must be a finite"),
+        ({"round_timeout": float("inf")}, "--round-timeout must be a finite"),
+        ({"momentum": 1.0}, "--momentum"),
+        ({"weight_decay": -5e-4}, "--weight-decay"),
+        ({"lr_gamma": 0.0}, "--lr-gamma"),
+        ({"teacher_lr": 0.0}, "--teacher-lr"),
+        ({"adapter_heads": 0}, "--adapter-heads"),
+        ({"adapter_layers": 0}, "--adapter-layers"),
+        ({"adapter_clip": 0.0}, "--adapter-clip"),
+        ({"eval_batch_size": 0}, "--eval-batch-size"),
+        ({"seed": -1}, "--seed"),
     ],
 )
 def test_validate_rejects_options_out_of_range(changes, words):

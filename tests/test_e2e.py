@@ -299,6 +299,20 @@ def test_the_suite_refuses_fewer_than_one_job_before_any_work(tmp_path: Path,
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(("seeds", "error"), [
+    (["0", "0"], "error: --seeds must differ from one another (got 0 0)"),
+    (["1", "-3"], "error: --seed must be in [0, 2**32) (got -3)"),
+])
+def test_the_suite_refuses_bad_seeds_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     seeds: list[str], error: str) -> None:
+    from fedmergenet.cli import runner_main
+
+    assert runner_main(["--suite", "--seeds", *seeds, "--random-teacher", "--results-root", str(tmp_path / "s")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [error]
+    assert not (tmp_path / "s").exists()
+
+
 def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedmergenet.cli import client_main, server_main
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..checks import check_run
-from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags
+from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags, validate
 from ..errors import ConfigError
 from ..experiments.estimate import Estimate, estimate_suite
 from ..experiments.pretrain import ensure_teacher, teacher_data_config
@@ -72,6 +72,11 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     """Run every arm for every seed under ``root/seed<k>/<arm>``; returns the report folder."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
+    if len(set(seeds)) != len(seeds):
+        # The report pairs arms by seed: a seed twice would run into its own results folders.
+        raise ConfigError(f"--seeds must differ from one another (got {' '.join(map(str, seeds))})")
+    for seed in seeds:
+        validate(cfg.replace(seed=seed))  # each seed's runs, checked before any of them starts
     cfg = check_run(cfg, root, teacher=False)  # the teacher may still have to be pretrained
     if echo:
         side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
