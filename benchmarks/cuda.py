@@ -66,15 +66,18 @@ def evaluation(settings: Settings) -> dict[str, Any]:
 
 def recalibration(settings: Settings) -> dict[str, Any]:
     """A client's BatchNorm recalibration on one partition (batch 128): torch's update_bn
-    against ours over the same batches, and ours over the first ``recalibrate-batches`` of the
-    gpu preset, beside that client's training epoch (4a)."""
+    against ours over the same batches, eager and recorded (a CUDA graph replayed per batch, the
+    default on CUDA), and over the first ``recalibrate-batches`` of the gpu preset, beside that
+    client's training epoch (4a)."""
     cfg = training_config(settings, 128)
     batches = apply_preset("gpu").recalibrate_batches
     data = client_data(cfg, 0, cfg.num_clients, device=CUDA)
     loader = data.train
     model = initial_student(cfg).to(CUDA)
     variants = {"update_bn": lambda: torch.optim.swa_utils.update_bn(loader, model, CUDA),
+                "ours_eager": lambda: recalibrate_bn(model, loader, CUDA, capture=False),
                 "ours": lambda: recalibrate_bn(model, loader, CUDA),
+                "ours_preset_eager": lambda: recalibrate_bn(model, loader, CUDA, max_batches=batches, capture=False),
                 "ours_preset": lambda: recalibrate_bn(model, loader, CUDA, max_batches=batches)}
     for run in variants.values():
         run()  # warm-up

@@ -346,9 +346,12 @@ def recalibration_lines(c: dict[str, Any]) -> list[str]:
         return []
     r, epoch = c["recalibration"], c["training"]["128"]
     train_s = epoch["images_per_epoch"] / epoch["images_per_s"]["ours"]
+    preset = str(r["preset_batches"])
     rows = [["torch's `update_bn` (reads a counter back per BatchNorm per batch)", "all", r["seconds"]["update_bn"]],
-            ["**ours** (`recalibrate_bn`)", "all", r["seconds"]["ours"]],
-            ["ours, the gpu preset's `recalibrate-batches`", str(r["preset_batches"]), r["seconds"]["ours_preset"]]]
+            ["ours, eager", "all", r["seconds"]["ours_eager"]],
+            ["**ours** (`recalibrate_bn`, recorded)", "all", r["seconds"]["ours"]],
+            ["ours, eager, the gpu preset's `recalibrate-batches`", preset, r["seconds"]["ours_preset_eager"]],
+            ["**ours**, recorded, the gpu preset's `recalibrate-batches`", preset, r["seconds"]["ours_preset"]]]
     return ["### 4d BatchNorm recalibration", "",
             f"A client's statistics for the server on one partition ({r['images']:,} images, batch "
             f"{r['batch_size']}), against that client's training epoch at batch 128 ({train_s:.2f} s, 4a):", "",

@@ -10,6 +10,7 @@ import itertools
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,14 +157,14 @@ class _CapturedStep:
         return self.loss.clone()  # the next replay overwrites self.loss
 
 
-def _on_side_stream(step: _Step, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """An eager warm-up step on a side stream, as PyTorch requires before a capture."""
+def _on_side_stream(run: Callable[..., Any], images: torch.Tensor, *args: torch.Tensor) -> Any:
+    """An eager warm-up step (or forward) on a side stream, as PyTorch requires before a capture."""
     side = torch.cuda.Stream(images.device)
     side.wait_stream(torch.cuda.current_stream(images.device))
     with torch.cuda.stream(side):
-        loss = step(images, labels)
+        result = run(images, *args)
     torch.cuda.current_stream(images.device).wait_stream(side)
-    return loss
+    return result
 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -229,7 +230,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int = 0) -> None:
+def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int = 0,
+                   capture: bool | None = None) -> None:
     """Recompute every BatchNorm's running statistics as exact averages over ``loader``'s
     batches (its first ``max_batches`` when > 0), as torch's ``update_bn`` from SWA (Izmailov
     et al. 2018) does: after weights are averaged, the averaged running statistics no longer
@@ -237,7 +239,11 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
 
     ``update_bn`` gets the average from momentum None, for which every BatchNorm reads its batch
     counter back from the device (1 / num_batches_tracked) on every batch: a GPU waits on the host
-    once per layer per batch. Batch k's momentum 1 / k, set from the host, is the same average."""
+    once per layer per batch. Here each batch runs at momentum 1, so that its own moments replace
+    the running ones, and they are summed on the device; their mean over the k batches is the
+    same average (update_bn's momentum 1 / k at batch k), with nothing set from the host between
+    batches. So on CUDA (``capture`` None or True) every full batch after the first replays one
+    CUDA graph of the forward pass and the sums, as training replays its step."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -245,18 +251,64 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
     was_training = model.training
     for bn in norms:
         bn.reset_running_stats()
+        bn.momentum = 1.0
+    statistics = [t for bn in norms for t in (bn.running_mean, bn.running_var)]
+    sums = [torch.zeros_like(t) for t in statistics]
+    capture = device.type == "cuda" if capture is None else capture
     model.train()
     try:
         batches = itertools.islice(loader, max_batches) if max_batches > 0 else loader
-        for k, batch in enumerate(batches, start=1):
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            for bn in norms:
-                bn.momentum = 1.0 / k
-            model(images.to(device, non_blocking=True))
+        count = _summed_statistics(model, batches, device, statistics, sums, capture)
+        if count:
+            torch._foreach_div_(sums, float(count))
+            for tensor, total in zip(statistics, sums):
+                tensor.copy_(total)
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
         model.train(was_training)
+
+
+def _summed_statistics(model: nn.Module, batches: Iterable, device: torch.device, statistics: list[torch.Tensor],
+                       sums: list[torch.Tensor], capture: bool) -> int:
+    """Adds each batch's BatchNorm moments into ``sums``; returns the number of batches."""
+    def forward(images: torch.Tensor) -> None:
+        model(images)
+        torch._foreach_add_(sums, statistics)
+
+    recorded: _Recorded | None = None
+    count, full_batch = 0, 0
+    for batch in batches:
+        images = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
+        full_batch = full_batch or len(images)
+        if capture and recorded is None and count >= CAPTURE_WARMUP_STEPS and len(images) == full_batch:
+            recorded = _Recorded(forward, images)
+        if recorded is not None and recorded.fits(images):
+            recorded(images)
+        elif capture and recorded is None:
+            _on_side_stream(forward, images)
+        else:
+            forward(images)
+        count += 1
+    return count
+
+
+class _Recorded:
+    """``run(images)`` recorded once as a CUDA graph on a static input and replayed; recording
+    runs nothing, so the batch it is made from still needs a replay."""
+
+    def __init__(self, run: Callable[[torch.Tensor], None], images: torch.Tensor) -> None:
+        self.images = images.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            run(self.images)
+
+    def fits(self, images: torch.Tensor) -> bool:
+        return images.shape == self.images.shape
+
+    def __call__(self, images: torch.Tensor) -> None:
+        self.images.copy_(images)
+        self.graph.replay()
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -205,20 +207,84 @@ def test_a_model_leaves_the_gpu_waiting_on_it_once_per_dtype_not_once_per_tensor
     assert all(torch.equal(moved(on_host, cuda)[name], tensor) for name, tensor in state.items())
 
 
+def test_a_recorded_recalibration_sums_every_batch_once(monkeypatch: pytest.MonkeyPatch):
+    """The recorded path's order, with the CUDA graph stood in for by a replay that runs the
+    forward eagerly (the GPU test below records for real): the first batch warms up eagerly,
+    the next is recorded and replayed like every further full batch, a last partial batch runs
+    eagerly; each batch's moments are summed once, so the statistics are the eager path's."""
+    import fedmergenet.training as training
+
+    calls: list[str] = []
+
+    class StandIn:
+        def __init__(self, run, images: torch.Tensor) -> None:
+            self.run, self.shape = run, images.shape
+            calls.append("record")
+
+        def fits(self, images: torch.Tensor) -> bool:
+            return images.shape == self.shape
+
+        def __call__(self, images: torch.Tensor) -> None:
+            calls.append("replay")
+            self.run(images)
+
+    def warm_up(run, images: torch.Tensor) -> None:
+        calls.append("warm-up")
+        run(images)
+
+    monkeypatch.setattr(training, "_Recorded", StandIn)
+    monkeypatch.setattr(training, "_on_side_stream", warm_up)
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    batches = [torch.randn(16, 3, 32, 32) for _ in range(4)] + [torch.randn(8, 3, 32, 32)]
+
+    def statistics(recalibrate) -> dict[str, torch.Tensor]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        recalibrate(model)
+        return model.state_dict()
+
+    recorded = statistics(lambda m: recalibrate_bn(m, batches, CPU, capture=True))
+    assert calls == ["warm-up", "record", "replay", "replay", "replay"]  # then the partial batch, eagerly
+    eager = statistics(lambda m: recalibrate_bn(m, batches, CPU, capture=False))
+    for name, tensor in eager.items():
+        assert torch.allclose(recorded[name], tensor, rtol=1e-5, atol=1e-7), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_recalibration_on_the_gpu_never_waits_on_the_host():
-    """On a GPU (skipped elsewhere): recomputing the statistics launches its batches without a
-    single device-to-host synchronisation (update_bn synchronises once per BatchNorm per batch)."""
+def test_recorded_recalibration_on_the_gpu_gives_the_eager_statistics_without_waiting_per_batch():
+    """On a GPU (skipped elsewhere): the recorded recalibration (a CUDA graph of the forward pass
+    and the sums, replayed per batch) gives the statistics and batch counters of the eager one
+    over the same batches, a last partial batch included; and it waits on the host no more
+    often over 9 batches than over 3 (update_bn waits once per BatchNorm per batch)."""
     cuda = torch.device("cuda")
-    model = build_student(num_classes=10).to(cuda)
-    images = [torch.randn(32, 3, 32, 32, device=cuda) for _ in range(3)]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        recalibrate_bn(model, images, cuda)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(torch.isfinite(t).all() for t in bn_statistics(model).values())
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    images = [torch.randn(32, 3, 32, 32, device=cuda) for _ in range(8)] + [torch.randn(8, 3, 32, 32, device=cuda)]
+
+    def recalibrated(batches: list[torch.Tensor], capture: bool) -> tuple[dict[str, torch.Tensor], int]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        model.to(cuda)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as waits:
+                warnings.simplefilter("always")
+                recalibrate_bn(model, batches, cuda, capture=capture)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        state = {name: tensor.cpu() for name, tensor in model.state_dict().items()
+                 if name.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        return state, len([w for w in waits if "synchroniz" in str(w.message)])
+
+    eager, _ = recalibrated(images, capture=False)
+    recorded, waits_over_9 = recalibrated(images, capture=True)
+    for name, tensor in eager.items():
+        assert torch.allclose(recorded[name], tensor, rtol=1e-4, atol=1e-6), name
+    assert recorded["stage6.2.residual.7.num_batches_tracked"] == 9
+    _, waits_over_3 = recalibrated(images[:3], capture=True)
+    assert waits_over_9 == waits_over_3
 
 
 def test_pooled_statistics_are_those_of_the_union_of_the_clients_data():
