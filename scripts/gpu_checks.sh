@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # On a GPU machine, after scripts/gpu_machine.sh has put Flower and Ray in place: the GPU
-# tests, how trainings share the card (benchmarks/sharing.py), then the gpu preset's suite for
-# one seed with three arms side by side, stopped after SUITE_SECONDS; the logs, metrics and
-# summaries (no model files) go to OUT_DIR. TESTS=0 or SHARING=0 leaves out those steps.
+# tests, how trainings share the card (benchmarks/sharing.py), BatchNorm recalibration eager
+# against recorded (BENCHMARKS 4d), then the gpu preset's suite for one seed with three arms
+# side by side, stopped after SUITE_SECONDS; the logs, metrics and summaries (no model files)
+# go to OUT_DIR. TESTS=0, SHARING=0 or RECALIBRATION=0 leaves out that step.
 #
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
-# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 ... gpu_checks.sh out 540 --seeds 0 1 2
+# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 RECALIBRATION=0 ... gpu_checks.sh out 540 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -31,6 +32,16 @@ fi
 if [ "${SHARING:-1}" != 0 ]; then
     timeout 180 python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
     step "sharing benchmark: exit $? ($(tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300))"
+fi
+if [ "${RECALIBRATION:-1}" != 0 ]; then
+    timeout 150 python3 - > "$OUT_DIR/recalibration.json" 2> "$OUT_DIR/recalibration.log" <<'PY'
+import json, tempfile
+from pathlib import Path
+from benchmarks.cuda import recalibration
+from benchmarks.measure import Settings
+print(json.dumps(recalibration(Settings(tiny=False, repeats=3, threads=4, work_dir=Path(tempfile.mkdtemp())))))
+PY
+    step "recalibration benchmark (4d): exit $? ($(tr -d '\n ' < "$OUT_DIR/recalibration.json" | cut -c1-300))"
 fi
 timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
     --results-root results/gpu-checks "$@" > "$OUT_DIR/suite.log" 2>&1
