@@ -300,6 +300,22 @@ def test_device_batches_give_every_image_once_per_epoch_in_a_new_order(cifar_dir
         assert torch.equal(y, y_cpu) and torch.allclose(x, x_cpu, atol=1e-6)
 
 
+def test_a_split_moves_to_the_device_once_per_process(cifar_dir: Path) -> None:
+    """A client's batches for the next message (or for training after recalibrating) reuse the
+    split already on the device: the same indices share one copy, other indices get their own,
+    and batching never writes into it."""
+    ds = load_dataset("cifar100", cifar_dir, train=True, download=False)
+    device = torch.device("cpu")
+    first = DeviceBatches(ds, np.arange(30), batch_size=8, train=True, seed=0, device=device)
+    before = first.images.clone()
+    list(first)
+    again = DeviceBatches(ds, np.arange(30), batch_size=16, train=False, seed=5, device=device)
+    other = DeviceBatches(ds, np.arange(1, 31), batch_size=8, train=True, seed=0, device=device)
+    assert again.images.data_ptr() == first.images.data_ptr() and again.labels.data_ptr() == first.labels.data_ptr()
+    assert other.images.data_ptr() != first.images.data_ptr()
+    assert torch.equal(other.labels, ds.labels[1:31]) and torch.equal(first.images, before)
+
+
 def _positions(ds, labels: torch.Tensor) -> list[int]:
     # Labels are i % 100 and there are 40 samples, so a label is its position.
     assert len(ds) <= 100
