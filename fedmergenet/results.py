@@ -213,9 +213,10 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     known (a round spans from its train messages going out to the next round's): the span, the
     slowest client's own training and BatchNorm recalibration, the slowest client's whole train
     function (model set-up and the copy back included), the train phase's exchange (messages out
-    to the last reply in: beyond that client's function it is Flower's and the messages'; the
-    span beyond the exchange is the server's work, of which its wait for the previous round's
-    resumable state to reach the disk), and the span over that training (what is not
+    to the last reply in: beyond that client's function it is Flower's and the messages', or the
+    server's evaluation of the round before where that outlasts the clients; the span beyond the
+    exchange is the server's work, of which its wait for the previous round's resumable state to
+    reach the disk), and the span over that training (what is not
     training shows as the excess over 1). A resumed run's clock starts again, so the round before
     a resume has no span."""
     timed = [(r, later["round_start_s"] - r["round_start_s"]) for r, later in zip(rows, rows[1:])

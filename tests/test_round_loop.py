@@ -109,6 +109,32 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     assert all(r["fed_eval_top1"] is not None for r in phases[1:])
 
 
+def test_the_server_evaluates_each_round_while_the_next_phases_clients_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's evaluation waits for the next phase's messages to go out, so that it runs while
+    the clients work, not between their phases; every round is still evaluated, in order."""
+    events: list[str] = []
+
+    class RecordingGrid(InProcessGrid):
+        def push_messages(self, messages: Iterable[Message]) -> list[str]:
+            messages = list(messages)
+            events.append(f"send {messages[0].metadata.message_type}")
+            return super().push_messages(messages)
+
+    evaluate = server_app.evaluate
+
+    def recorded(model, loader, device, desc: str = "eval"):
+        events.append(desc.replace("server eval ", ""))
+        return evaluate(model, loader, device, desc=desc)
+
+    monkeypatch.setattr(server_app, "evaluate", recorded)
+    rows, _ = run(tmp_path, RecordingGrid, skip_federated_eval=True)
+
+    assert events == ["send train", "round 0", "send train", "send evaluate", "round 1", "round 2"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert torch.load(tmp_path / "server_state.pt", weights_only=True)["round"] == 2
+
+
 def test_a_run_stopped_waiting_for_nodes_keeps_the_round_whose_statistics_were_still_to_come(tmp_path: Path) -> None:
     """Round 1's statistics would ride with round 2's train messages, but no node is left to
     send them to: round 1 is still evaluated (with the aggregate's own statistics) and saved."""

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,7 +25,7 @@ from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, new_student,
 from ..results import (append_metrics, metrics_row, read_metrics, rewrite_metrics, round_times, summarize,
                        write_summary)
 from ..teacher import load_teacher, teacher_for_run
-from ..training import evaluate, pick_device, seed_everything
+from ..training import evaluate, moved, pick_device, seed_everything
 from .aggregation import build_strategy, describe
 from .state import ServerState, StateWriter, load_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
@@ -69,6 +72,15 @@ def sampling(cfg: RunConfig) -> dict[str, float | int]:
     }
 
 
+@dataclass
+class Held:
+    """A round's final global model, awaiting the server's evaluation: its resumable state as
+    copied when the round ended (``StateWriter.snapshot``), the weights included."""
+
+    round: int
+    state: dict[str, Any]
+
+
 class FederatedRun:
     """One federated experiment on the server side, from start-up checks to summary."""
 
@@ -105,6 +117,7 @@ class FederatedRun:
             recalibrate_bn=cfg.recalibrate_bn,
         )
         self.best_top1 = -1.0
+        self._held: Held | None = None  # a round evaluated while the next phase's clients work
 
     def _fusion_unit(self) -> KnowledgeFusionUnit:
         teacher_matrix = self.teacher.state_dict()[TEACHER_LAYER]
@@ -115,10 +128,20 @@ class FederatedRun:
         )
 
     # --- per round --------------------------------------------------------------------
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """After each round's BatchNorm recalibration (and for round 0): evaluate the global
-        model, record, save the state."""
-        load_arrays(self.evaluated, arrays)
+    def hold(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Round ``server_round``'s final global model (its statistics pooled in), to be
+        evaluated while the clients of the next phase work (``exchange``). Its resumable state
+        is copied now: the next aggregation changes the adapter and draws random numbers."""
+        self.evaluate_held()  # rounds are recorded in order
+        self._held = Held(server_round, self.states.snapshot(self.state(server_round, arrays)))
+
+    def evaluate_held(self) -> None:
+        """Evaluate the held round's model; record it, save its state and the best model."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        server_round, weights = held.round, held.state["arrays"]
+        self.evaluated.load_state_dict(moved(weights, self.device), strict=True)
         start = time.perf_counter()
         result = evaluate(self.evaluated, self.test_loader, self.device, desc=f"server eval round {server_round}")
         eval_ms = 1000 * (time.perf_counter() - start)
@@ -126,17 +149,23 @@ class FederatedRun:
         self.states.wait()  # the previous round's state, written in the background, is on disk
         row = self.row(server_round, result, self.strategy.round_log(server_round)) | {
             "server_eval_ms": eval_ms, "state_wait_ms": 1000 * (time.perf_counter() - start),
-            "layer_std": float(arrays[STUDENT_LAYER].numpy().std())}
+            "layer_std": float(weights[STUDENT_LAYER].numpy().std())}
         append_metrics(self.out, row)
         if result.top1 > self.best_top1:
             self.best_top1 = result.top1
-            load_arrays(self.student, arrays)  # on the CPU, in the student's own dtypes
+            self.student.load_state_dict(weights, strict=True)  # on the CPU, in the student's own dtypes
             save_torch(self.out / "best_model.pt", self.student.state_dict())
-        self.states.save(self.state(server_round, arrays))  # written in the background while the run goes on
+        self.states.write(held.state | {"best_top1": self.best_top1})  # in the background while the run goes on
         write_summary(self.out, self.summary(status="running"))
-        metrics = MetricRecord({"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
-        log(INFO, "Round %s evaluate (server): %s", server_round, metrics)
-        return metrics
+        log(INFO, "Round %s evaluate (server): %s", server_round,
+            {"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
+
+    def exchange(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
+        """Send ``messages`` and return the replies; while the clients work, the server
+        evaluates the round it holds."""
+        sent = wire.send(grid, messages)
+        self.evaluate_held()
+        return sent.replies(self.cfg.round_timeout)
 
     def row(self, server_round: int, result, log_: RoundLog) -> dict:
         status = "initial" if server_round == 0 else "ok"
@@ -243,66 +272,71 @@ class FederatedRun:
     def rounds(self, grid: Grid, arrays: ArrayRecord, first: int) -> ArrayRecord:
         """The round loop, rounds ``first``..``rounds`` (a resumed run starts after its last
         completed round). Each round: clients train, the strategy screens, aggregates and fuses;
-        clients recompute BatchNorm statistics (and evaluate); the server evaluates and saves.
+        clients recompute BatchNorm statistics (and evaluate); the server evaluates and saves,
+        while the clients of the next phase work (``hold``, ``exchange``).
 
         When only the server evaluates (``skip_federated_eval``), the clients recompute a round's
         statistics at the start of the next round's training, in the same message, and the round
         is evaluated then: each round costs one message per client instead of two (in deployment,
         one ClientApp process). The last round's statistics come from an evaluate phase."""
-        strategy, timeout = self.strategy, self.cfg.round_timeout
+        strategy = self.strategy
         log(INFO, "Starting %s over %s, rounds %s..%s", type(strategy).__name__, type(strategy.base).__name__,
             first, self.cfg.rounds)
         strategy.summary()
         if first == 1:
-            self.evaluate_round(0, arrays)
+            self.hold(0, arrays)
         unevaluated: int | None = None  # the round whose model awaits statistics from this train phase
-        for server_round in range(first, self.cfg.rounds + 1):
-            check_parent(self.parent)
-            log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
-            strategy.round_log(server_round).started_s = time.time() - self.start
-            train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
-                                         "recalibrate-bn": unevaluated is not None})
-            try:
-                messages = strategy.configure_train(server_round, arrays, train_config, grid)
-            except NodeWaitTimeout:
-                if unevaluated is not None:  # its statistics will not come: the results so far still hold it
-                    self.evaluate_recalibrated(unevaluated, [], arrays)
-                raise
-            sent = time.perf_counter()
-            replies = wire.send_and_receive(grid, messages, timeout=timeout)
-            strategy.round_log(server_round).exchange_s = time.perf_counter() - sent
-            if unevaluated is not None:  # before this round's adapter update, which the saved state must not hold
-                self.evaluate_recalibrated(unevaluated, replies, arrays)
-            aggregated, metrics = strategy.aggregate_train(server_round, replies)
-            if aggregated is not None:  # otherwise the round keeps the global model
-                arrays = aggregated
-                log(INFO, "Round %s train: %s", server_round, metrics)
-            if self.folds_recalibration and server_round < self.cfg.rounds:
-                unevaluated = server_round
-            else:
-                self.evaluate_phase(grid, server_round, arrays)
+        try:
+            for server_round in range(first, self.cfg.rounds + 1):
+                check_parent(self.parent)
+                log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
+                strategy.round_log(server_round).started_s = time.time() - self.start
+                train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
+                                             "recalibrate-bn": unevaluated is not None})
+                try:
+                    messages = strategy.configure_train(server_round, arrays, train_config, grid)
+                except NodeWaitTimeout:
+                    if unevaluated is not None:  # its statistics will not come: the results so far still hold it
+                        self.recalibrated(unevaluated, [], arrays)
+                    raise
+                sent = time.perf_counter()
+                replies = self.exchange(grid, messages)
+                strategy.round_log(server_round).exchange_s = time.perf_counter() - sent
+                if unevaluated is not None:  # before this round's adapter update, which its state must not hold
+                    self.recalibrated(unevaluated, replies, arrays)
+                aggregated, metrics = strategy.aggregate_train(server_round, replies)
+                if aggregated is not None:  # otherwise the round keeps the global model
+                    arrays = aggregated
+                    log(INFO, "Round %s train: %s", server_round, metrics)
+                if self.folds_recalibration and server_round < self.cfg.rounds:
+                    unevaluated = server_round
+                else:
+                    self.evaluate_phase(grid, server_round, arrays)
+        except (NodeWaitTimeout, Orphaned):
+            self.evaluate_held()  # what was done stays in the results
+            raise
+        self.evaluate_held()
         return arrays
 
     @property
     def folds_recalibration(self) -> bool:
         return self.cfg.skip_federated_eval and self.cfg.recalibrate_bn
 
-    def evaluate_recalibrated(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
+    def recalibrated(self, server_round: int, replies: list[Message], arrays: ArrayRecord) -> None:
         """Round ``server_round``'s model with the BatchNorm statistics that the train ``replies``
-        carried pooled into it (with none, the aggregate's own), evaluated and saved."""
+        carried pooled into it (with none, the aggregate's own), held for evaluation."""
         self.strategy.recalibrate(server_round, replies, arrays)
-        self.evaluate_round(server_round, arrays)
+        self.hold(server_round, arrays)
 
     def evaluate_phase(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
         """Clients recompute the BatchNorm statistics (and evaluate, unless only the server
-        does); the strategy pools them into ``arrays``; the server evaluates and saves."""
+        does); the strategy pools them into ``arrays``, held for the server's evaluation."""
         config = ConfigRecord({"local-eval": not self.cfg.skip_federated_eval})
-        replies = wire.send_and_receive(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid),
-                                        timeout=self.cfg.round_timeout)
+        replies = self.exchange(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
             log(INFO, "Round %s evaluate (clients): %s", server_round, metrics)
-        self.evaluate_round(server_round, arrays)
+        self.hold(server_round, arrays)
 
 
 @app.main()

@@ -88,7 +88,10 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 class StateWriter:
     """Saves the state of each round in a background thread, one write at a time: ``save``
-    returns once the state is copied, and waits first for the previous write to land."""
+    returns once the state is copied, and waits first for the previous write to land.
+
+    ``snapshot`` and ``write`` are its two halves, for a state copied at one point of the round
+    loop and written at a later one."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -96,8 +99,15 @@ class StateWriter:
         self._error: BaseException | None = None
 
     def save(self, state: ServerState) -> None:
+        self.write(self.snapshot(state))
+
+    @staticmethod
+    def snapshot(state: ServerState) -> dict[str, Any]:
+        """``state`` as it will be written, copied (RNG states as they are now included)."""
+        return _snapshot(_payload(state))
+
+    def write(self, payload: dict[str, Any]) -> None:
         self.wait()
-        payload = _snapshot(_payload(state))
         self._thread = threading.Thread(target=self._write, args=(payload,), name="server-state-writer", daemon=True)
         self._thread.start()
 

@@ -85,7 +85,9 @@ class RoundLog:
     slowest_recalibrate_s: float | None = None
     slowest_total_s: float | None = None  # a reply's whole train function, set-up included
     # From the train messages going out to the last reply in: beyond the slowest client's whole
-    # train function it is Flower's and the messages' time; the rest of the span is the server's.
+    # train function it is Flower's and the messages' time, or the server's evaluation of the
+    # round before (it runs meanwhile) where that outlasts the clients; the rest of the span is
+    # the server's.
     exchange_s: float | None = None
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -113,21 +114,38 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     polling for the replies every 50 ms at first, backing off to ``POLL_MAX_S``. (Flower's own
     polls every 3 s, which puts a floor of 3 s under every train and evaluate phase however
     quickly the clients answer: most of a round when clients train for a second or two.)"""
+    return send(grid, messages).replies(timeout)
+
+
+def send(grid: Grid, messages: Iterable[Message]) -> Sent:
+    """``messages`` packed and pushed; their replies come from ``replies``, so the server can
+    work while the clients do."""
     done: dict[int, tuple[ArrayRecord, dict[str, list[str]]]] = {}  # the global model, packed once
-    waiting = set(grid.push_messages([packed(msg, done) for msg in messages]))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    interval = POLL_FIRST_S
-    while waiting:
-        arrived = list(grid.pull_messages(list(waiting)))
-        replies += arrived
-        waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
-        remaining = deadline - time.monotonic()
-        if not waiting or remaining <= 0:
-            break
-        time.sleep(min(interval, remaining))  # one more pull follows, at the deadline at the latest
-        interval = min(2 * interval, POLL_MAX_S)
-    return [unpacked(reply) for reply in replies]
+    ids = grid.push_messages([packed(msg, done) for msg in messages])
+    return Sent(grid, set(ids), time.monotonic())
+
+
+@dataclass
+class Sent:
+    grid: Grid
+    waiting: set[str]
+    at: float  # time.monotonic() when they were pushed
+
+    def replies(self, timeout: float) -> list[Message]:
+        """The replies, unpacked, until all are in or ``timeout`` seconds after sending."""
+        deadline = self.at + timeout
+        replies: list[Message] = []
+        interval = POLL_FIRST_S
+        while self.waiting:
+            arrived = list(self.grid.pull_messages(list(self.waiting)))
+            replies += arrived
+            self.waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            remaining = deadline - time.monotonic()
+            if not self.waiting or remaining <= 0:
+                break
+            time.sleep(min(interval, remaining))  # one more pull follows, at the deadline at the latest
+            interval = min(2 * interval, POLL_MAX_S)
+        return [unpacked(reply) for reply in replies]
 
 
 def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
