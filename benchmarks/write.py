@@ -171,8 +171,9 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
             ["reference: the same local training in one process", f"{r['reference_s']:.1f}"],
         ]),
         "",
-        f"Ratio: **{r['runtime_ratio']:.2f}x**; without our app's own server work (test-set evaluation, "
-        f"aggregation, fusion): {r['runtime_ratio_without_app_work']:.2f}x. Once started, a round (from round 2, "
+        f"Ratio: **{r['runtime_ratio']:.2f}x**; without our app's own server work in the rounds' path "
+        f"(aggregation, fusion and the last round's test-set evaluation; the server evaluates every other round "
+        f"while the clients train): {r['runtime_ratio_without_app_work']:.2f}x. Once started, a round (from round 2, "
         f"without that server work) takes {r['steady_round_ratio']:.2f}x one round of the reference's training. "
         + ("" if ok else
            "Missed: the runtime has a fixed start-up (SuperLink, `flwr run` packaging the app, Ray, the "
