@@ -146,14 +146,14 @@ def test_replies_are_collected_soon_after_they_arrive_and_the_phase_ends_at_its_
     grid = SlowGrid(clock)
     content = RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})})
 
-    replies = wire.send_and_receive(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
-                                           for n in (1, 2)], timeout=60.0)
+    replies = wire.send(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                               for n in (1, 2)]).replies(timeout=60.0)
     assert len(replies) == 2
     assert list(replies[0].content["arrays"]) == list(base_state)  # unpacked by name
     assert 2.0 <= clock[0] <= 2.0 + wire.POLL_MAX_S  # not Flower's 3 s steps
     assert grid.pulls <= 2.0 / wire.POLL_MAX_S + 2  # at most one pull every POLL_MAX_S, not a busy loop
 
     clock[0], grid.pulls = 0.0, 0
-    replies = wire.send_and_receive(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
-                                           for n in (1, 30)], timeout=10.0)
+    replies = wire.send(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
+                               for n in (1, 30)]).replies(timeout=10.0)
     assert len(replies) == 1 and clock[0] == 10.0  # the late node's reply is left out, pulled last at the deadline

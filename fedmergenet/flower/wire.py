@@ -9,7 +9,7 @@ anything else reads the message, so strategies, screening, DP and fusion see the
 name as before. A reply that arrives unpacked (another client implementation) passes as it is.
 
 The ServerApp's side also asks for the replies more often than Flower's ``send_and_receive``
-does (``send_and_receive`` below).
+does (``send`` below).
 """
 
 from __future__ import annotations
@@ -109,17 +109,10 @@ def wire_error(msg: Message) -> str | None:
     return None
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Flower's ``grid.send_and_receive``, with the tensors packed on the way out and back, and
-    polling for the replies every 50 ms at first, backing off to ``POLL_MAX_S``. (Flower's own
-    polls every 3 s, which puts a floor of 3 s under every train and evaluate phase however
-    quickly the clients answer: most of a round when clients train for a second or two.)"""
-    return send(grid, messages).replies(timeout)
-
-
 def send(grid: Grid, messages: Iterable[Message]) -> Sent:
-    """``messages`` packed and pushed; their replies come from ``replies``, so the server can
-    work while the clients do."""
+    """Flower's ``grid.send_and_receive`` in two halves, with the tensors packed on the way out
+    and back: ``messages`` packed and pushed now, their replies from ``Sent.replies``, so that the
+    server can work while the clients do."""
     done: dict[int, tuple[ArrayRecord, dict[str, list[str]]]] = {}  # the global model, packed once
     ids = grid.push_messages([packed(msg, done) for msg in messages])
     return Sent(grid, set(ids), time.monotonic())
@@ -132,7 +125,10 @@ class Sent:
     at: float  # time.monotonic() when they were pushed
 
     def replies(self, timeout: float) -> list[Message]:
-        """The replies, unpacked, until all are in or ``timeout`` seconds after sending."""
+        """The replies, unpacked, until all are in or ``timeout`` seconds after sending; asked
+        for every 50 ms at first, backing off to ``POLL_MAX_S``. (Flower's own asks every 3 s,
+        which puts a floor of 3 s under every train and evaluate phase however quickly the
+        clients answer: most of a round when clients train for a second or two.)"""
         deadline = self.at + timeout
         replies: list[Message] = []
         interval = POLL_FIRST_S
