@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # On a GPU machine, after scripts/gpu_machine.sh has put Flower and Ray in place: the GPU
 # tests, how trainings share the card (benchmarks/sharing.py), BatchNorm recalibration eager
-# against recorded (BENCHMARKS 4d), then the gpu preset's suite for one seed with three arms
-# side by side, stopped after SUITE_SECONDS; the logs, metrics and summaries (no model files)
-# go to OUT_DIR. TESTS=0, SHARING=0 or RECALIBRATION=0 leaves out that step.
+# against recorded (BENCHMARKS 4d), one FedAvg run of the gpu preset alone (5 rounds), then
+# the gpu preset's suite for one seed with three arms side by side, stopped after
+# SUITE_SECONDS; the logs, metrics and summaries (no model files) go to OUT_DIR. TESTS=0,
+# SHARING=0, RECALIBRATION=0 or ALONE=0 leaves out that step.
 #
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
-# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 RECALIBRATION=0 ... gpu_checks.sh out 540 --seeds 0 1 2
+# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 RECALIBRATION=0 ALONE=0 ... gpu_checks.sh out 540 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -43,10 +44,17 @@ print(json.dumps(recalibration(Settings(tiny=False, repeats=3, threads=4, work_d
 PY
     step "recalibration benchmark (4d): exit $? ($(tr -d '\n ' < "$OUT_DIR/recalibration.json" | cut -c1-300))"
 fi
+if [ "${ALONE:-1}" != 0 ]; then
+    # Issue 12's item 2 (a round <= 1.3x its slowest client's training) is about one run alone.
+    timeout 180 python3 run_federated_mergenet.py --preset gpu --no-fusion --rounds 5 \
+        --output-dir results/gpu-alone "$@" > "$OUT_DIR/alone.log" 2>&1
+    step "one FedAvg run alone, 5 rounds: exit $? ($(python3 -c 'import json, sys
+print(json.load(open(sys.argv[1]))["round_times"])' results/gpu-alone/summary.json 2>&1 | cut -c1-400))"
+fi
 timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
     --results-root results/gpu-checks "$@" > "$OUT_DIR/suite.log" 2>&1
 step "suite: exit $? (124: stopped after $SUITE_SECONDS s)"
-tar czf "$OUT_DIR/suite.tgz" --exclude='*.pt' results/gpu-checks
+tar czf "$OUT_DIR/suite.tgz" --exclude='*.pt' results/gpu-checks $([ -d results/gpu-alone ] && echo results/gpu-alone)
 python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
 import sys
 from pathlib import Path
