@@ -244,7 +244,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
     same average (update_bn's momentum 1 / k at batch k), with nothing set from the host between
     batches. So on CUDA (``capture`` None or True) every full batch after the first replays one
     CUDA graph of the forward pass and the sums, as training replays its step."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return
     momenta = [bn.momentum for bn in norms]

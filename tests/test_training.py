@@ -99,9 +99,11 @@ def test_the_training_loop_takes_batches_made_on_the_device():
 
 def test_recalibrated_batchnorm_statistics_are_the_datas_exact_moments():
     """After recalibrate_bn the first BatchNorm's running mean and variance are the exact per-channel
-    moments of the convolution outputs over the whole loader, not a momentum average."""
+    moments of the convolution outputs over the whole loader, not a momentum average; a
+    BatchNorm without running statistics is left as it is."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(4, track_running_stats=False))
     data = tiny_batch(n=24)
     recalibrate_bn(model, DataLoader(data, batch_size=8), CPU)
     with torch.no_grad():
