@@ -63,7 +63,7 @@ def replay(steps: list[_CapturedStep], streams: list[torch.cuda.Stream], count: 
     for _ in range(count):
         for step, stream in zip(steps, streams):
             with torch.cuda.stream(stream):
-                step(step.images, step.labels)
+                step(*step.inputs)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 

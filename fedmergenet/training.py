@@ -132,29 +132,42 @@ class _Step:
         return loss.detach()
 
 
-class _CapturedStep:
-    """The same step recorded once as a CUDA graph on static input tensors and replayed.
+class _Recorded:
+    """``run(*inputs)`` recorded once as a CUDA graph on static copies of its inputs, then replayed
+    on new inputs of the same shapes, returning (a copy of) what ``run`` returned, if a tensor.
+    Recording runs nothing: the inputs it is made from still need a replay."""
 
-    Recording runs nothing: the batch it is made from still needs a replay. The
+    def __init__(self, run: Callable[..., Any], *inputs: torch.Tensor) -> None:
+        self.inputs = tuple(tensor.clone() for tensor in inputs)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run(*self.inputs)
+
+    def fits(self, *inputs: torch.Tensor) -> bool:
+        return all(new.shape == static.shape for new, static in zip(inputs, self.inputs))
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        for static, new in zip(self.inputs, inputs):
+            static.copy_(new)
+        self.graph.replay()
+        # The next replay overwrites the output.
+        return self.output.clone() if isinstance(self.output, torch.Tensor) else None
+
+
+class _CapturedStep(_Recorded):
+    """The training step recorded once as a CUDA graph on a static batch and replayed. The
     learning rate is fixed in the recording, so a graph lives for one epoch (the schedule
     moves between epochs)."""
 
     def __init__(self, step: _Step, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images.clone(), labels.clone()
         step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = step.loss_and_backward(self.images, self.labels).detach()
+
+        def recorded(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            loss = step.loss_and_backward(images, labels).detach()
             step.optimizer.step()
+            return loss
 
-    def fits(self, labels: torch.Tensor) -> bool:
-        return labels.shape == self.labels.shape
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.graph.replay()
-        return self.loss.clone()  # the next replay overwrites self.loss
+        super().__init__(recorded, images, labels)
 
 
 def _on_side_stream(run: Callable[..., Any], images: torch.Tensor, *args: torch.Tensor) -> Any:
@@ -193,7 +206,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         step_fn = full_step if len(labels) == full_batch else eager_step
         if capture and captured is None and step >= CAPTURE_WARMUP_STEPS and len(labels) == full_batch:
             captured = _CapturedStep(step_fn, images, labels)
-        if captured is not None and captured.fits(labels):
+        if captured is not None and captured.fits(images, labels):
             loss = captured(images, labels)
         elif capture and captured is None:
             loss = _on_side_stream(step_fn, images, labels)
@@ -291,24 +304,6 @@ def _summed_statistics(model: nn.Module, batches: Iterable, device: torch.device
             forward(images)
         count += 1
     return count
-
-
-class _Recorded:
-    """``run(images)`` recorded once as a CUDA graph on a static input and replayed; recording
-    runs nothing, so the batch it is made from still needs a replay."""
-
-    def __init__(self, run: Callable[[torch.Tensor], None], images: torch.Tensor) -> None:
-        self.images = images.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            run(self.images)
-
-    def fits(self, images: torch.Tensor) -> bool:
-        return images.shape == self.images.shape
-
-    def __call__(self, images: torch.Tensor) -> None:
-        self.images.copy_(images)
-        self.graph.replay()
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
