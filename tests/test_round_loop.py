@@ -171,6 +171,34 @@ def test_a_run_resumed_from_a_state_saved_while_the_next_round_trained_continues
         assert b["train_loss"] == a["train_loss"] and b["adapter_loss"] == a["adapter_loss"], a["round"]
 
 
+def test_a_server_lost_before_round_1_was_recorded_resumes_from_the_initial_model_without_recording_it_twice(
+        tmp_path: Path) -> None:
+    """Round 0's state is written while round 1 trains. A server lost then resumes from round 0:
+    the initial model's row is in the results already, and rounds 1 and 2 follow it once."""
+
+    class Lost(Exception):
+        pass
+
+    class LostInRound1(InProcessGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            raise Lost  # round 1's train replies: round 0 has just been recorded
+
+    whole, _ = run(tmp_path / "whole", skip_federated_eval=True)
+    cfg = tiny(tmp_path / "resumed", skip_federated_eval=True)
+    lost = FederatedRun(cfg)
+    with pytest.raises(Lost):
+        lost.run(LostInRound1(cfg))
+    lost.states.wait()
+    assert torch.load(tmp_path / "resumed" / "server_state.pt", weights_only=True)["round"] == 0
+    assert [r["round"] for r in read_metrics(tmp_path / "resumed")] == [0]
+    FederatedRun(cfg.replace(resume=True)).run(InProcessGrid(cfg))
+    resumed = read_metrics(tmp_path / "resumed")
+
+    assert [r["round"] for r in resumed] == [r["round"] for r in whole] == [0, 1, 2]
+    for a, b in zip(whole, resumed):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-6, abs=1e-9), a["round"]
+
+
 def test_a_run_stopped_waiting_for_nodes_keeps_the_round_whose_statistics_were_still_to_come(tmp_path: Path) -> None:
     """Round 1's statistics would ride with round 2's train messages, but no node is left to
     send them to: round 1 is still evaluated (with the aggregate's own statistics) and saved."""

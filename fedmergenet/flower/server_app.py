@@ -232,12 +232,15 @@ class FederatedRun:
 
     # --- whole run ----------------------------------------------------------------------
     def initial_arrays(self) -> tuple[ArrayRecord, int]:
-        """Fresh weights, or the last completed round's when resuming."""
+        """Fresh weights (round 0, held for evaluation), or the last recorded round's when
+        resuming: a saved state's round, round 0 included, is in the results already."""
         state = load_state(self.out) if self.cfg.resume else None
         if state is None:
             for stale in ("metrics.jsonl", "server_state.pt"):
                 (self.out / stale).unlink(missing_ok=True)
-            return ArrayRecord(self.student.state_dict()), 0
+            arrays = ArrayRecord(self.student.state_dict())
+            self.hold(0, arrays)
+            return arrays, 0
         rows = [r for r in read_metrics(self.out) if r["round"] <= state.round]
         rewrite_metrics(self.out, rows)  # drop rows of a round that did not finish saving
         if self.fusion_unit is not None and state.fusion is not None:
@@ -283,8 +286,6 @@ class FederatedRun:
         log(INFO, "Starting %s over %s, rounds %s..%s", type(strategy).__name__, type(strategy.base).__name__,
             first, self.cfg.rounds)
         strategy.summary()
-        if first == 1:
-            self.hold(0, arrays)
         unevaluated: int | None = None  # the round whose model awaits statistics from this train phase
         try:
             for server_round in range(first, self.cfg.rounds + 1):
