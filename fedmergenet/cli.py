@@ -114,12 +114,17 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def saved_config(run_dir: Path) -> RunConfig:
-    from .results import ResultsError, read_summary
+    from .results import SUMMARY_FILE, ResultsError, read_summary
 
+    if not run_dir.is_dir():
+        raise ConfigError(f"cannot resume {run_dir}: no such folder")
     try:
         saved = read_summary(run_dir)["config"]
     except ResultsError as exc:
-        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+        # The summary is first written with round 0's evaluation: a run stopped before it kept nothing.
+        hint = "; a run stopped before it recorded round 0 has nothing to resume, so start it anew" \
+            if not (run_dir / SUMMARY_FILE).exists() else ""
+        raise ConfigError(f"cannot resume {run_dir}: {exc}{hint}") from None
     return RunConfig.from_run_config(saved).replace(output_dir=str(run_dir), resume=True)
 
 

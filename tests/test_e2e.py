@@ -313,6 +313,26 @@ def test_the_suite_refuses_bad_seeds_before_any_work(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(("made", "error"), [
+    (None, "no such folder"),
+    ("metrics.jsonl", "summary.json is missing; a run stopped before it recorded round 0 has nothing to resume"),
+    ("summary.json", "summary.json is not JSON"),
+])
+def test_resume_refuses_a_folder_without_a_run_to_resume_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], made: str | None, error: str) -> None:
+    """A run stopped during its start-up has written no summary, so no settings to resume with."""
+    from fedmergenet.cli import runner_main
+
+    run = tmp_path / "run"
+    if made is not None:
+        run.mkdir()
+        (run / made).write_text("{")
+    assert runner_main(["--resume", str(run)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and error in errors[0], errors
+    assert [p.name for p in run.iterdir()] == [made] if made else not run.exists()  # nothing written or removed
+
+
 def test_node_authentication_needs_tls_and_ecdsa_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fedmergenet.cli import client_main, server_main
 
