@@ -5,18 +5,19 @@
 # the gpu preset's suite for one seed with three arms side by side, stopped after
 # SUITE_SECONDS or when BUDGET runs out; the logs, metrics and summaries (no model files) go
 # to OUT_DIR. TESTS=0, SHARING=0, RECALIBRATION=0 or ALONE=0 leaves out that step.
-# BUDGET (seconds, default 560): the whole script ends within it, each step's time limit cut
-# to what is left, so that one call of a lent machine's 10 minutes brings every step's result.
+# BUDGET (seconds, default 520): the whole script ends within it, each step's time limit cut
+# to what is left, so that one call of a lent machine's 10 minutes, unpacking included, brings
+# every step's result back.
 # MPS=auto (the default): when the sharing step measured processes under MPS at least 10 %
 # faster than without, the run alone and the suite get --mps; MPS=0 never, MPS=1 always.
 #
 #   bash scripts/gpu_machine.sh -- bash scripts/gpu_checks.sh OUT_DIR [SUITE_SECONDS] [RUNNER FLAGS...]
 #
 # For example, with torch.compile's step: ... gpu_checks.sh out 330 --compile
-# The whole comparison (3 seeds) alone: TESTS=0 SHARING=0 RECALIBRATION=0 ALONE=0 ... gpu_checks.sh out 540 --seeds 0 1 2
+# The whole comparison (3 seeds) alone: BUDGET=570 TESTS=0 SHARING=0 RECALIBRATION=0 ALONE=0 ... gpu_checks.sh out 560 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -24,7 +25,7 @@ SUITE_SECONDS="${2:-330}"
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT_DIR"
 start=$(date +%s)
-BUDGET="${BUDGET:-560}"
+BUDGET="${BUDGET:-520}"
 step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }
 # The smaller of CAP and what is left of BUDGET, less RESERVE for the steps that must follow (at least 1).
 limit() {
