@@ -118,13 +118,13 @@ def saved_config(run_dir: Path) -> RunConfig:
 
     if not run_dir.is_dir():
         raise ConfigError(f"cannot resume {run_dir}: no such folder")
+    if not (run_dir / SUMMARY_FILE).exists():  # first written with round 0's evaluation
+        raise ConfigError(f"cannot resume {run_dir}: {run_dir / SUMMARY_FILE} is missing; a run stopped before it "
+                          f"recorded round 0 has nothing to resume, so start it anew")
     try:
         saved = read_summary(run_dir)["config"]
     except ResultsError as exc:
-        # The summary is first written with round 0's evaluation: a run stopped before it kept nothing.
-        hint = "; a run stopped before it recorded round 0 has nothing to resume, so start it anew" \
-            if not (run_dir / SUMMARY_FILE).exists() else ""
-        raise ConfigError(f"cannot resume {run_dir}: {exc}{hint}") from None
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
     return RunConfig.from_run_config(saved).replace(output_dir=str(run_dir), resume=True)
 
 
