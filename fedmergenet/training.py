@@ -180,6 +180,29 @@ def _on_side_stream(run: Callable[..., Any], images: torch.Tensor, *args: torch.
     return result
 
 
+class _Replay:
+    """Runs a step on batch after batch the way a CUDA graph allows. With ``capture``, the first
+    CAPTURE_WARMUP_STEPS batches run eagerly on a side stream, the next full batch is recorded
+    (``record(run, *inputs)``, a ``_Recorded``) and every batch of its shapes replays that
+    recording; a batch of other shapes (a last partial one) runs eagerly. Without, every batch
+    runs eagerly."""
+
+    def __init__(self, record: Callable[..., _Recorded], capture: bool) -> None:
+        self.record, self.capture = record, capture
+        self.recorded: _Recorded | None = None
+        self.seen = 0
+
+    def __call__(self, run: Callable[..., Any], *inputs: torch.Tensor, full: bool) -> Any:
+        if self.capture and self.recorded is None and self.seen >= CAPTURE_WARMUP_STEPS and full:
+            self.recorded = self.record(run, *inputs)
+        self.seen += 1
+        if self.recorded is not None and self.recorded.fits(*inputs):
+            return self.recorded(*inputs)
+        if self.capture and self.recorded is None:
+            return _on_side_stream(run, *inputs)
+        return run(*inputs)
+
+
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                  desc: str, before_step: BatchHook | None, after_step: BatchHook | None, progress: bool | None,
                  memory_format: torch.memory_format, proximal: Proximal | None, capture: bool,
@@ -191,7 +214,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     # batch size, and a kernel for any batch size would be slower.
     full_step = (_Step(torch.compile(model, backend=compile_backend, dynamic=False), optimizer, proximal)
                  if compile_backend else eager_step)
-    captured: _CapturedStep | None = None
+    replay = _Replay(_CapturedStep, capture)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
     total, full_batch = 0, 0
     if progress is None:  # bars for people at a terminal, not for Ray actors' captured output
@@ -203,15 +226,8 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         full_batch = full_batch or len(labels)
         if before_step is not None:
             before_step(step, images, labels)
-        step_fn = full_step if len(labels) == full_batch else eager_step
-        if capture and captured is None and step >= CAPTURE_WARMUP_STEPS and len(labels) == full_batch:
-            captured = _CapturedStep(step_fn, images, labels)
-        if captured is not None and captured.fits(images, labels):
-            loss = captured(images, labels)
-        elif capture and captured is None:
-            loss = _on_side_stream(step_fn, images, labels)
-        else:
-            loss = step_fn(images, labels)
+        full = len(labels) == full_batch
+        loss = replay(full_step if full else eager_step, images, labels, full=full)
         if after_step is not None:
             after_step(step, images, labels)
         total_loss += loss * labels.size(0)
@@ -289,21 +305,13 @@ def _summed_statistics(model: nn.Module, batches: Iterable, device: torch.device
         model(images)
         torch._foreach_add_(sums, statistics)
 
-    recorded: _Recorded | None = None
-    count, full_batch = 0, 0
+    replay = _Replay(_Recorded, capture)
+    full_batch = 0
     for batch in batches:
         images = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
         full_batch = full_batch or len(images)
-        if capture and recorded is None and count >= CAPTURE_WARMUP_STEPS and len(images) == full_batch:
-            recorded = _Recorded(forward, images)
-        if recorded is not None and recorded.fits(images):
-            recorded(images)
-        elif capture and recorded is None:
-            _on_side_stream(forward, images)
-        else:
-            forward(images)
-        count += 1
-    return count
+        replay(forward, images, full=len(images) == full_batch)
+    return replay.seen
 
 
 def bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:

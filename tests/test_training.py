@@ -253,6 +253,60 @@ def test_a_recorded_recalibration_sums_every_batch_once(monkeypatch: pytest.Monk
         assert torch.allclose(recorded[name], tensor, rtol=1e-5, atol=1e-7), name
 
 
+def test_a_recorded_training_epoch_steps_every_batch_once_between_its_hooks(monkeypatch: pytest.MonkeyPatch):
+    """The recorded training loop's order, with the CUDA graph stood in for by a replay that runs
+    the step eagerly (the GPU tests below record for real): the first batch warms up eagerly, the
+    next is recorded and replayed like every further full batch, a last partial batch runs
+    eagerly; each batch is stepped once, between its hooks, so losses and weights are the eager
+    loop's."""
+    import fedmergenet.training as training
+
+    calls: list[str] = []
+
+    class StandIn:
+        def __init__(self, step, images: torch.Tensor, labels: torch.Tensor) -> None:
+            self.step, self.shapes = step, (images.shape, labels.shape)
+            calls.append("record")
+
+        def fits(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+            return (images.shape, labels.shape) == self.shapes
+
+        def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            calls.append("replay")
+            return self.step(images, labels)
+
+    def warm_up(run, *inputs: torch.Tensor) -> torch.Tensor:
+        calls.append("warm-up")
+        return run(*inputs)
+
+    monkeypatch.setattr(training, "_CapturedStep", StandIn)
+    monkeypatch.setattr(training, "_on_side_stream", warm_up)
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    batches = [(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))) for n in (16, 16, 16, 16, 8)]
+
+    def trained(capture: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        calls.append("epoch")
+        loss = training._train_epoch(
+            model, batches, make_optimizer(model, lr=0.05), CPU, "train", lambda *_: calls.append("before"),
+            lambda *_: calls.append("after"), False, torch.channels_last, None, capture, None)
+        return loss, model.state_dict()
+
+    recorded_loss, recorded = trained(capture=True)
+    assert calls == ["epoch",
+                     "before", "warm-up", "after",
+                     "before", "record", "replay", "after",
+                     "before", "replay", "after",
+                     "before", "replay", "after",
+                     "before", "after"]  # the partial batch, eagerly
+    eager_loss, eager = trained(capture=False)
+    assert recorded_loss == eager_loss
+    for name, tensor in eager.items():
+        assert torch.equal(recorded[name], tensor), name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_recorded_recalibration_on_the_gpu_gives_the_eager_statistics_without_waiting_per_batch():
     """On a GPU (skipped elsewhere): the recorded recalibration (a CUDA graph of the forward pass
