@@ -3,6 +3,7 @@ SuperExec puts the ServerApp (and Ray) in a session of their own, out of the Sup
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -86,6 +87,39 @@ def test_a_private_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_pat
     monkeypatch.setenv("PATH", "/nonexistent")
     with processes.private_mps() as env:
         assert env is None
+
+
+DAEMON_MPS_CONTROL = """#!/bin/sh
+# Forks a daemon that keeps the standard streams it inherited, as a real control daemon may;
+# asked to quit, it never answers.
+if [ "$1" = "-d" ]; then
+    sleep 60 &
+    echo $! > "$MPS_DAEMON"
+    exit 0
+fi
+exec sleep 60
+"""
+
+
+def test_a_private_mps_daemon_that_keeps_its_streams_or_never_quits_holds_nothing_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting does not wait for the forked daemon's streams to close, and a daemon that does
+    not answer ``quit`` is left to itself: the block's own outcome stands."""
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    control.write_text(DAEMON_MPS_CONTROL)
+    control.chmod(0o755)
+    daemon = tmp_path / "daemon.pid"
+    monkeypatch.setenv("MPS_DAEMON", str(daemon))
+    monkeypatch.setenv("PATH", f"{control.parent}:/usr/bin:/bin")
+    monkeypatch.setattr(processes, "MPS_QUIT_TIMEOUT_S", 0.5)
+    try:
+        with pytest.raises(KeyError, match="the block's own error"):
+            with processes.private_mps() as env:
+                assert env is not None  # started, not given up after the start's timeout
+                raise KeyError("the block's own error")
+    finally:
+        os.kill(int(daemon.read_text()), signal.SIGKILL)
 
 
 def test_mps_on_a_machine_without_it_is_one_line_and_exit_2_before_any_work(

@@ -228,6 +228,9 @@ def environment_with(env: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+MPS_QUIT_TIMEOUT_S = 20.0
+
+
 @contextlib.contextmanager
 def private_mps() -> Iterator[dict[str, str] | None]:
     """The environment that connects a process to a CUDA MPS control daemon of our own, started
@@ -243,13 +246,24 @@ def private_mps() -> Iterator[dict[str, str] | None]:
                "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
         for path in env.values():
             os.makedirs(path)
+        # The daemon it forks would hold captured pipes open, and run() would wait for them.
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         try:
-            started = subprocess.run([control, "-d"], env=os.environ | env, stdin=subprocess.DEVNULL,
-                                     capture_output=True, timeout=30).returncode == 0
+            started = subprocess.run([control, "-d"], env=os.environ | env, timeout=30, **quiet).returncode == 0
         except (OSError, subprocess.SubprocessError):
             started = False
         try:
             yield env if started else None
         finally:
             if started:
-                subprocess.run([control], input=b"quit\n", env=os.environ | env, capture_output=True, timeout=60)
+                _quit_mps(control, os.environ | env)
+
+
+def _quit_mps(control: str, env: dict[str, str]) -> None:
+    """Asks the daemon to quit. A daemon that does not answer in time is left to its own end:
+    the run it served is over, and its outcome stands."""
+    try:
+        subprocess.run([control], input=b"quit\n", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=MPS_QUIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        pass
