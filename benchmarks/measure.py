@@ -84,24 +84,15 @@ def plain_epoch(model: nn.Module, loader, lr: float, channels_last: bool = False
     return seen
 
 
-def cudnn_benchmarked(measure: Callable[[], float]) -> float:
-    """``measure`` with cuDNN timing its convolution algorithms for each new shape and keeping the
-    fastest (``torch.backends.cudnn.benchmark``), instead of its heuristics' choice."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        return measure()
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def client_throughput(settings: Settings, device: torch.device = torch.device("cpu"),
                       cfg: RunConfig | None = None, compiled: bool = False) -> dict[str, Any]:
     """1a: the ClientApp's local training (our loop, loader, schedule) against the plain loop,
     on the same device, threads and batches (same partition and round seed). Ours runs with
     its fast path (channels_last; on CUDA also the recorded step) and without it (the layout
-    the plain loop uses, eager); on CUDA also in channels_last but eager, with cuDNN's benchmark
-    mode, and with ``compiled`` also with ``--compile``."""
+    the plain loop uses, eager); on CUDA also in channels_last but eager, and with ``compiled``
+    also with ``--compile``. cuDNN's benchmark mode is not a variant here: cuDNN keeps the
+    algorithm it chose for a convolution per process, keyed without that mode, so after the other
+    variants' epochs it would only reuse their choices."""
     cfg = cfg or throughput_config(settings)
     start_state = initial_student(cfg).state_dict()
     images = client_data(cfg, 0, cfg.num_clients).num_train
@@ -131,7 +122,6 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
     }
     if device.type == "cuda":
         variants["ours_eager"] = lambda seed: ours(seed, capture=False)
-        variants["ours_cudnn_benchmark"] = lambda seed: cudnn_benchmarked(lambda: ours(seed))
         if compiled:
             variants["ours_compiled"] = lambda seed: ours(seed, compile_step=True)
     # Warm-up: first-call allocations and kernel selection, and torch.compile's compilation.

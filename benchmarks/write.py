@@ -305,9 +305,6 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
         rows = [["plain PyTorch (data on the GPU)", ips["plain"]], ["plain PyTorch, channels_last", ips["plain_channels_last"]],
                 ["ours, eager, default layout", ips["ours_without_fast_path"]], ["ours, eager, channels_last", ips["ours_eager"]],
                 ["**ours** (channels_last, recorded step)", ips["ours"]]]
-        if "ours_cudnn_benchmark" in ips:
-            rows.append(["ours with cuDNN's benchmark mode (`torch.backends.cudnn.benchmark`)",
-                         ips["ours_cudnn_benchmark"]])
         if "ours_compiled" in ips:
             rows.append(["ours with `--compile` (torch.compile's step, recorded)", ips["ours_compiled"]])
         lines += [f"### 4a A client's local epoch, batch {batch}", "",
