@@ -242,7 +242,10 @@ def startup_section(data: dict[str, Any]) -> list[str]:
         "machine get `--threads` (the runner's deployment mode sets cores/clients): two 2-thread clients on "
         "2 cores took 28 s for a 48-image epoch that took 1.5 s with one thread each (measured once, in the "
         "loopback deployment test). What is left is the "
-        "interpreter, torch and Flower's own runtime; Flower 1.42 offers no long-lived ClientApp process. "
+        "interpreter, torch, Flower's own runtime, and torch's compiler, which torch imports when a process "
+        "makes its first optimiser (`Optimizer.add_param_group` is wrapped to keep `torch.compile` out, and "
+        "that wrapper imports `torch._dynamo` on first use) even though the step is never compiled on a CPU; "
+        "Flower 1.42 offers no long-lived ClientApp process. "
         f"One local epoch of the quick preset's client then takes {s['epoch_s']:.1f} s in that fresh process "
         f"(first iterations included, as every deployment message pays them; compare 1a's warmed-up loop).",
         "",
