@@ -65,17 +65,22 @@ echo "$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> "$MPS_CALLS"
 """
 
 
+def on_path_as_mps_control(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``script`` installed as the only ``nvidia-cuda-mps-control`` on the PATH."""
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    control.write_text(script)
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{control.parent}:/usr/bin:/bin")
+
+
 def test_a_private_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon gets a pipe folder of its own (no process outside the block joins it), and
     is told to quit on the way out; without NVIDIA's control program there is none."""
-    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    control.parent.mkdir()
-    control.write_text(FAKE_MPS_CONTROL)
-    control.chmod(0o755)
+    on_path_as_mps_control(FAKE_MPS_CONTROL, tmp_path, monkeypatch)
     calls = tmp_path / "calls"
     monkeypatch.setenv("MPS_CALLS", str(calls))
-    monkeypatch.setenv("PATH", f"{control.parent}:/usr/bin:/bin")
 
     with processes.private_mps() as env:
         assert env is not None and Path(env["CUDA_MPS_PIPE_DIRECTORY"]).is_dir()
@@ -105,13 +110,9 @@ def test_a_private_mps_daemon_that_keeps_its_streams_or_never_quits_holds_nothin
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting does not wait for the forked daemon's streams to close, and a daemon that does
     not answer ``quit`` is left to itself: the block's own outcome stands."""
-    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    control.parent.mkdir()
-    control.write_text(DAEMON_MPS_CONTROL)
-    control.chmod(0o755)
+    on_path_as_mps_control(DAEMON_MPS_CONTROL, tmp_path, monkeypatch)
     daemon = tmp_path / "daemon.pid"
     monkeypatch.setenv("MPS_DAEMON", str(daemon))
-    monkeypatch.setenv("PATH", f"{control.parent}:/usr/bin:/bin")
     monkeypatch.setattr(processes, "MPS_QUIT_TIMEOUT_S", 0.5)
     try:
         with pytest.raises(KeyError, match="the block's own error"):
