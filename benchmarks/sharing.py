@@ -127,8 +127,9 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     return sum(d[2] for d in done) / (end - start)
 
 
-# MPS clients that cannot reach their server may hang instead of failing: they get this long,
-# about twice what the same processes take without MPS, and the figures before it are kept.
+# MPS clients that cannot reach their server may hang instead of failing. They get this long
+# (a start-up and 200 steps need far less), so that a hang still leaves the figures measured
+# before them inside gpu_checks.sh's time limit for this step.
 MPS_TIMEOUT_S = 90.0
 
 
