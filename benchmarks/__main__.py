@@ -48,6 +48,7 @@ def measure(settings) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     steps = [
         ("throughput", lambda: m.client_throughput(settings)),
+        ("forward", lambda: m.forward_passes(settings)),
         ("fusion", lambda: m.fusion_step(settings)),
         ("checkpoint", lambda: m.checkpoint_write(settings)),
         ("wire", lambda: m.student_wire(m.throughput_config(settings))),

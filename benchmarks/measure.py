@@ -1,5 +1,5 @@
 """In-process measurements, each a ratio against a plain reference timed in the same process:
-client training throughput, the adapter's fusion step, the wire size of the student, and the
+client training throughput, forward-only passes, the adapter's fusion step, the wire size of the student, and the
 server's checkpoint write."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from torch import nn
 
 from fedmergenet.config import AdapterConfig, RunConfig
 from fedmergenet.flower.client_app import local_train
-from fedmergenet.data.splits import client_data
+from fedmergenet.data.splits import client_data, test_loader
 from fedmergenet.models import initial_student
 from fedmergenet.models import STUDENT_LAYER
-from fedmergenet.training import make_optimizer
+from fedmergenet.training import evaluate, make_optimizer, recalibrate_bn
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,30 @@ def client_throughput(settings: Settings, device: torch.device = torch.device("c
         "ratio_same_layout": per_s["ours"] / per_s["plain_channels_last"],
         "first_epoch_s": first_s,
     }
+
+
+def forward_passes(settings: Settings) -> dict[str, Any]:
+    """1a: the forward-only passes, evaluation (the quick preset's test set, its evaluation
+    batch) and a client's BatchNorm recalibration (one partition), in the layout the device's
+    ``forward_memory_format`` picks against the default layout: same model, batches and threads."""
+    cfg = throughput_config(settings).replace(test_limit=64 if settings.tiny else 300)
+    cpu = torch.device("cpu")
+    model = initial_student(cfg)
+    train, tests = client_data(cfg, 0, cfg.num_clients).train, test_loader(cfg, cpu)
+    passes = {
+        "evaluate": lambda memory_format: evaluate(model, tests, cpu, memory_format=memory_format),
+        "recalibrate": lambda memory_format: recalibrate_bn(model, train, cpu, memory_format=memory_format),
+    }
+    figures: dict[str, Any] = {}
+    for name, run in passes.items():
+        ours, default = (lambda: timed(lambda: run(None))), (lambda: timed(lambda: run(torch.contiguous_format)))
+        ours(), default()  # warm-up
+        ours_s, default_s = interleaved(settings.repeats, ours, default)
+        images = len(tests.dataset) if name == "evaluate" else len(train.dataset)
+        figures[name] = {"images": images, "ours_images_per_s": images / median(ours_s),
+                         "default_layout_images_per_s": images / median(default_s),
+                         "ratio": median(default_s) / median(ours_s)}
+    return figures
 
 
 def fusion_step(settings: Settings, num_classes: int = 10, device: str = "cpu") -> dict[str, Any]:

@@ -6,9 +6,10 @@ model trains or is measured reaches every arm of a comparison at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,30 @@ def make_scheduler(
 TRAINING_MEMORY_FORMAT = torch.channels_last
 
 
+def forward_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of forward-only passes (evaluation, BatchNorm recalibration). On a CPU
+    channels_last, in which MobileNetV2's forward runs about 1.7x faster there (BENCHMARKS.md,
+    1a). On a GPU the default layout: its eager forward of 256 images already runs at the bare
+    forward's speed in it (4b), and channels_last made the eager step slower there (4a)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def on_device(images: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch of images on ``device``, in ``memory_format`` when it is a batch of 2-D images."""
+    return images.to(device, non_blocking=True, memory_format=memory_format if images.dim() == 4 else torch.preserve_format)
+
+
+@contextlib.contextmanager
+def laid_out(model: nn.Module, memory_format: torch.memory_format) -> Iterator[nn.Module]:
+    """``model`` in ``memory_format`` for the block. Its weights leave in the ordinary layout:
+    what travels and what is saved never depends on how a pass ran."""
+    model.to(memory_format=memory_format)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 # Eager steps before the graph is recorded: the first creates the optimiser's momentum buffers
 # and initialises cuBLAS and cuDNN, which a recording must find in place (PyTorch's CUDA graphs
 # notes). Every further one is an eager step in an epoch that would otherwise replay it.
@@ -103,13 +128,9 @@ def train_epoch(
     memory_format = memory_format or TRAINING_MEMORY_FORMAT
     hooked = before_step is not None or after_step is not None
     capture = device.type == "cuda" and (capture if capture is not None else not hooked)
-    model.to(memory_format=memory_format)
-    try:
+    with laid_out(model, memory_format):
         return _train_epoch(model, loader, optimizer, device, desc, before_step, after_step, progress, memory_format,
                             proximal, capture, compile_backend)
-    finally:
-        # Weights leave in the ordinary layout: what travels and what is saved never depends on this.
-        model.to(memory_format=torch.contiguous_format)
 
 
 class _Step:
@@ -221,8 +242,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         progress = sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
+        images, labels = on_device(images, device, memory_format), labels.to(device, non_blocking=True)
         full_batch = full_batch or len(labels)
         if before_step is not None:
             before_step(step, images, labels)
@@ -238,20 +258,25 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval", progress: bool = False) -> EvalResult:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval", progress: bool = False,
+             memory_format: torch.memory_format | None = None) -> EvalResult:
+    """Loss, top-1 and top-5 over ``loader``; ``memory_format`` overrides the device's
+    ``forward_memory_format`` (the benchmarks' references)."""
+    memory_format = memory_format or forward_memory_format(device)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     # Summed on the device and read once: a GPU is never stopped to report a batch.
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     total = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        sums += torch.stack([criterion(logits, labels).double(), (top[:, 0] == labels).sum().double(),
-                             (top == labels[:, None]).any(dim=1).sum().double()])
-        total += labels.size(0)
+    with laid_out(model, memory_format):
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+            images, labels = on_device(images, device, memory_format), labels.to(device, non_blocking=True)
+            logits = model(images)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            sums += torch.stack([criterion(logits, labels).double(), (top[:, 0] == labels).sum().double(),
+                                 (top == labels[:, None]).any(dim=1).sum().double()])
+            total += labels.size(0)
     if total == 0:
         return EvalResult(loss=float("nan"), top1=0.0, top5=0.0, examples=0)
     loss_sum, correct1, correct5 = sums.tolist()
@@ -260,7 +285,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max_batches: int = 0,
-                   capture: bool | None = None) -> None:
+                   capture: bool | None = None, memory_format: torch.memory_format | None = None) -> None:
     """Recompute every BatchNorm's running statistics as exact averages over ``loader``'s
     batches (its first ``max_batches`` when > 0), as torch's ``update_bn`` from SWA (Izmailov
     et al. 2018) does: after weights are averaged, the averaged running statistics no longer
@@ -272,7 +297,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
     the running ones, and they are summed on the device; their mean over the k batches is the
     same average (update_bn's momentum 1 / k at batch k), with nothing set from the host between
     batches. So on CUDA (``capture`` None or True) every full batch after the first replays one
-    CUDA graph of the forward pass and the sums, as training replays its step."""
+    CUDA graph of the forward pass and the sums, as training replays its step. The pass runs in
+    the device's ``forward_memory_format`` unless ``memory_format`` says otherwise."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return
@@ -284,10 +310,12 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
     statistics = [t for bn in norms for t in (bn.running_mean, bn.running_var)]
     sums = [torch.zeros_like(t) for t in statistics]
     capture = device.type == "cuda" if capture is None else capture
+    memory_format = memory_format or forward_memory_format(device)
     model.train()
     try:
         batches = itertools.islice(loader, max_batches) if max_batches > 0 else loader
-        count = _summed_statistics(model, batches, device, statistics, sums, capture)
+        with laid_out(model, memory_format):
+            count = _summed_statistics(model, batches, device, statistics, sums, capture, memory_format)
         if count:
             torch._foreach_div_(sums, float(count))
             for tensor, total in zip(statistics, sums):
@@ -299,7 +327,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
 
 
 def _summed_statistics(model: nn.Module, batches: Iterable, device: torch.device, statistics: list[torch.Tensor],
-                       sums: list[torch.Tensor], capture: bool) -> int:
+                       sums: list[torch.Tensor], capture: bool, memory_format: torch.memory_format) -> int:
     """Adds each batch's BatchNorm moments into ``sums``; returns the number of batches."""
     def forward(images: torch.Tensor) -> None:
         model(images)
@@ -308,7 +336,7 @@ def _summed_statistics(model: nn.Module, batches: Iterable, device: torch.device
     replay = _Replay(_Recorded, capture)
     full_batch = 0
     for batch in batches:
-        images = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device, non_blocking=True)
+        images = on_device(batch[0] if isinstance(batch, (list, tuple)) else batch, device, memory_format)
         full_batch = full_batch or len(images)
         replay(forward, images, full=len(images) == full_batch)
     return replay.seen

@@ -33,6 +33,8 @@ def test_the_benchmark_command_measures_and_writes_every_figure(tmp_path: Path) 
         assert f"## {section}" in text
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["throughput"]["images_per_s"]["ours"] > 0 and data["throughput"]["images_per_s"]["plain"] > 0
+    assert all(fig["ours_images_per_s"] > 0 and fig["default_layout_images_per_s"] > 0
+               for fig in data["forward"].values()) and set(data["forward"]) == {"evaluate", "recalibrate"}
     assert [r["fusion_applied"] for r in data["runtime"]["rounds"]] == [0, 1]  # the real fusion was timed
     assert data["runtime"]["memory"]["peak_rss_bytes"]["server"] > 0
     assert data["startup"]["steps_s"]["torch"] > 0

@@ -116,7 +116,8 @@ def test_recalibrated_batchnorm_statistics_are_the_datas_exact_moments():
 
 def test_recalibration_gives_torchs_update_bn_statistics_and_restores_the_model():
     """The real student's recalibrated statistics and batch counters are those of torch's
-    update_bn on the same batches; momenta and the training flag are left as they were."""
+    update_bn on the same batches in the same layout; momenta and the training flag are left as
+    they were."""
     torch.manual_seed(0)
     start = build_student(num_classes=10).state_dict()
     batches = DataLoader(tiny_batch(n=40), batch_size=16)  # 16, 16, 8
@@ -128,7 +129,7 @@ def test_recalibration_gives_torchs_update_bn_statistics_and_restores_the_model(
         recalibrate(model)
         return model
 
-    ours = recalibrated(lambda m: recalibrate_bn(m, batches, CPU))
+    ours = recalibrated(lambda m: recalibrate_bn(m, batches, CPU, memory_format=torch.contiguous_format))
     torchs = recalibrated(lambda m: torch.optim.swa_utils.update_bn(batches, m, CPU))
     for name, tensor in torchs.state_dict().items():
         assert torch.allclose(ours.state_dict()[name], tensor, rtol=1e-5, atol=1e-7), name
@@ -150,11 +151,43 @@ def test_recalibration_on_fewer_batches_gives_update_bns_statistics_of_those_bat
         recalibrate(model)
         return bn_statistics(model)
 
-    ours = statistics(lambda m: recalibrate_bn(m, DataLoader(data, batch_size=16), CPU, max_batches=2))
+    ours = statistics(lambda m: recalibrate_bn(m, DataLoader(data, batch_size=16), CPU, max_batches=2,
+                                               memory_format=torch.contiguous_format))
     torchs = statistics(lambda m: torch.optim.swa_utils.update_bn(first_two, m, CPU))
     whole = statistics(lambda m: recalibrate_bn(m, DataLoader(data, batch_size=16), CPU))
     assert all(torch.allclose(ours[name], torchs[name], rtol=1e-5, atol=1e-7) for name in torchs)
     assert not all(torch.allclose(ours[name], whole[name], rtol=1e-3) for name in whole)
+
+
+def test_forward_passes_on_a_cpu_run_in_channels_last_and_leave_the_model_as_it_was():
+    """On a CPU evaluation and recalibration run in channels_last (faster there: BENCHMARKS.md,
+    1a): the model sees channels_last batches, its weights are back in the ordinary layout
+    afterwards, and what it gives differs from the default layout's by float32 rounding alone."""
+    torch.manual_seed(0)
+    start = build_student(num_classes=10).state_dict()
+    batches = DataLoader(tiny_batch(n=40), batch_size=16)
+    layouts: list[bool] = []
+
+    def fresh() -> torch.nn.Module:
+        model = build_student(num_classes=10)
+        model.load_state_dict(start)
+        model.pre.register_forward_pre_hook(
+            lambda _, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        return model
+
+    def passes(memory_format: torch.memory_format | None) -> tuple[dict[str, torch.Tensor], tuple[float, ...]]:
+        model = fresh()
+        recalibrate_bn(model, batches, CPU, memory_format=memory_format)
+        result = evaluate(model, batches, CPU, memory_format=memory_format)
+        assert all(tensor.is_contiguous() for tensor in model.state_dict().values())
+        return bn_statistics(model), (result.loss, result.top1, result.top5)
+
+    ours, ours_metrics = passes(None)
+    assert layouts == [True] * 6  # three batches recalibrated, three evaluated
+    default, default_metrics = passes(torch.contiguous_format)
+    assert not any(layouts[6:])
+    assert all(torch.allclose(ours[name], default[name], rtol=1e-3, atol=1e-5) for name in default)
+    assert ours_metrics == pytest.approx(default_metrics, rel=1e-4)
 
 
 def test_a_client_recalibrates_on_the_batches_its_run_config_names(tmp_path, monkeypatch):
