@@ -1,6 +1,6 @@
 """In-process measurements, each a ratio against a plain reference timed in the same process:
-client training throughput, forward-only passes, the adapter's fusion step, the wire size of the student, and the
-server's checkpoint write."""
+client training throughput, forward-only passes, the adapter's fusion step, the wire size of
+the student, and the server's checkpoint write."""
 
 from __future__ import annotations
 
@@ -163,7 +163,8 @@ def forward_passes(settings: Settings) -> dict[str, Any]:
         ours(), default()  # warm-up
         ours_s, default_s = interleaved(settings.repeats, ours, default)
         images = len(tests.dataset) if name == "evaluate" else len(train.dataset)
-        figures[name] = {"images": images, "ours_images_per_s": images / median(ours_s),
+        batch_size = cfg.eval_batch_size if name == "evaluate" else cfg.batch_size
+        figures[name] = {"images": images, "batch_size": batch_size, "ours_images_per_s": images / median(ours_s),
                          "default_layout_images_per_s": images / median(default_s),
                          "ratio": median(default_s) / median(ours_s)}
     return figures
