@@ -47,7 +47,8 @@ def plain_eval(model: nn.Module, loader) -> int:
 
 def evaluation(settings: Settings) -> dict[str, Any]:
     """The test set through ``evaluate`` (loss, top-1, top-5) against bare forwards of the same
-    batches, at the default evaluation batch and a larger one."""
+    batches, at the default evaluation batch and a larger one; also ``evaluate`` in channels_last
+    (the CPU's layout for forward passes)."""
     figures: dict[str, Any] = {}
     for batch in (RunConfig.eval_batch_size, 1024):
         cfg = RunConfig(dataset="fashion-mnist", test_limit=2048 if settings.tiny else 0, eval_batch_size=batch)
@@ -56,11 +57,15 @@ def evaluation(settings: Settings) -> dict[str, Any]:
         evaluate(model, loader, CUDA)  # warm-up, as the next line
         images = plain_eval(model, loader)
         # Ten times the repeats: a pass over the test set takes a fraction of a second.
-        ours_s, plain_s = interleaved(settings.repeats * 10, lambda: timed(lambda: evaluate(model, loader, CUDA)),
-                                      lambda: timed(lambda: plain_eval(model, loader)))
+        evaluate(model, loader, CUDA, memory_format=torch.channels_last)  # its own warm-up
+        ours_s, plain_s, channels_last_s = interleaved(
+            settings.repeats * 10, lambda: timed(lambda: evaluate(model, loader, CUDA)),
+            lambda: timed(lambda: plain_eval(model, loader)),
+            lambda: timed(lambda: evaluate(model, loader, CUDA, memory_format=torch.channels_last)))
         ours, plain = median(ours_s), median(plain_s)
         figures[str(batch)] = {"images": images, "ours_images_per_s": images / ours,
-                               "plain_images_per_s": images / plain, "ratio": plain / ours, "samples": len(ours_s)}
+                               "plain_images_per_s": images / plain, "ratio": plain / ours, "samples": len(ours_s),
+                               "ours_channels_last_images_per_s": images / median(channels_last_s)}
     return figures
 
 

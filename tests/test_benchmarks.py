@@ -93,6 +93,10 @@ def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() 
     figures["recalibration"]["seconds"]["ours_channels_last"] = 0.36
     text = "\n".join(cuda_section({"cuda": figures}))
     assert "| ours, recorded, channels_last | all | 0.360 | 0.32 |" in text
+    assert "| 256 | 90,000 | 100,000 | 0.90 |\n" in text  # no evaluation in channels_last in older raw data
+    figures["evaluation"]["256"]["ours_channels_last_images_per_s"] = 95_000.0
+    text = "\n".join(cuda_section({"cuda": figures}))
+    assert "| 256 | 90,000 | 100,000 | 0.90 | 95,000 |" in text
 
 
 def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> None:
