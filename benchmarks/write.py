@@ -109,13 +109,13 @@ def forward_lines(data: dict[str, Any]) -> list[str]:
     if "forward" not in data:
         return []
     f = data["forward"]
-    names = {"evaluate": "evaluation (`evaluate`", "recalibrate": "BatchNorm recalibration (`recalibrate_bn`"}
+    names = {"evaluate": "evaluation (`evaluate`)", "recalibrate": "BatchNorm recalibration (`recalibrate_bn`)"}
     return [
         "The forward-only passes (the server's and clients' evaluation, a client's BatchNorm recalibration before "
         "it trains) run in channels_last on a CPU too, against the default layout on the same model and batches:",
         "",
-        *_table(["pass", "images", "default layout images/s", "channels_last images/s", "speed-up"],
-                [[f"{names[name]}, batch {fig['batch_size']})", fig["images"], f"{fig['default_layout_images_per_s']:.1f}",
+        *_table(["pass", "images", "batch", "default layout images/s", "channels_last images/s", "speed-up"],
+                [[names[name], fig["images"], fig["batch_size"], f"{fig['default_layout_images_per_s']:.1f}",
                   f"**{fig['ours_images_per_s']:.1f}**", f"**{fig['ratio']:.2f}x**"] for name, fig in f.items()]),
         "",
     ]
