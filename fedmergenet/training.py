@@ -159,6 +159,9 @@ class _Recorded:
     Recording runs nothing: the inputs it is made from still need a replay."""
 
     def __init__(self, run: Callable[..., Any], *inputs: torch.Tensor) -> None:
+        # A replay reads and writes the very memory ``run``'s tensors (weights, optimiser state)
+        # had when recorded: holding ``run`` keeps them alive as long as the recording.
+        self.run = run
         self.inputs = tuple(tensor.clone() for tensor in inputs)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -242,6 +242,35 @@ def test_a_model_leaves_the_gpu_waiting_on_it_once_per_dtype_not_once_per_tensor
     assert all(torch.equal(moved(on_host, cuda)[name], tensor) for name, tensor in state.items())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recorded_gpu_step_keeps_the_model_and_optimiser_it_replays_alive():
+    """On a GPU (skipped elsewhere): a recording replays kernels on its model's weights and its
+    optimiser's buffers, so it holds them: a recorded step kept on its own, as
+    benchmarks/sharing.py keeps its students' steps, still trains once every other reference to
+    its model is gone."""
+    import gc
+    import weakref
+
+    from fedmergenet.training import CAPTURE_WARMUP_STEPS, _CapturedStep, _on_side_stream, _Step
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_student(num_classes=10).to(cuda).train()
+    step = _Step(model, make_optimizer(model, lr=0.01), proximal=None)
+    images, labels = torch.randn(16, 3, 32, 32, device=cuda), torch.randint(0, 10, (16,), device=cuda)
+    for _ in range(CAPTURE_WARMUP_STEPS):
+        _on_side_stream(step, images, labels)
+    recorded = _CapturedStep(step, images, labels)
+    model_ref = weakref.ref(model)
+    del model, step
+    gc.collect()
+    assert model_ref() is not None
+    before = model_ref().state_dict()[STUDENT_LAYER].clone()
+    losses = torch.stack([recorded(images, labels) for _ in range(3)])
+    assert torch.isfinite(losses).all()
+    assert not torch.equal(model_ref().state_dict()[STUDENT_LAYER], before)
+
+
 def test_a_recorded_recalibration_sums_every_batch_once(monkeypatch: pytest.MonkeyPatch):
     """The recorded path's order, with the CUDA graph stood in for by a replay that runs the
     forward eagerly (the GPU test below records for real): the first batch warms up eagerly,
