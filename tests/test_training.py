@@ -222,7 +222,8 @@ def test_a_client_recalibrates_on_the_batches_its_run_config_names(tmp_path, mon
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_model_leaves_the_gpu_waiting_on_it_once_per_dtype_not_once_per_tensor():
     """On a GPU (skipped elsewhere): the student's state comes back to the host in one copy per
-    dtype (float32 and int64), each a wait on the card, where 373 tensors one by one wait 373 times."""
+    dtype (float32 and int64), each a wait or two on the card (torch may report a copy to pageable
+    host memory as two), where 373 tensors one by one wait at least 373 times."""
     import warnings
 
     from fedmergenet.training import moved
@@ -237,7 +238,8 @@ def test_a_model_leaves_the_gpu_waiting_on_it_once_per_dtype_not_once_per_tensor
             on_host = moved(state, "cpu")
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert 1 <= len([w for w in waits if "synchroniz" in str(w.message)]) <= 2 < len(state)
+    dtypes = {tensor.dtype for tensor in state.values()}
+    assert 1 <= len([w for w in waits if "synchroniz" in str(w.message)]) <= 2 * len(dtypes) < len(state)
     assert all(torch.equal(on_host[name], tensor.cpu()) for name, tensor in state.items())
     assert all(torch.equal(moved(on_host, cuda)[name], tensor) for name, tensor in state.items())
 
