@@ -442,13 +442,14 @@ def test_evaluate_counts_exact_hits():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path):
+def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path, monkeypatch):
     """On a GPU (skipped elsewhere): the client's partition goes to the card and its batches are
     made there; a round of local training gives a finite loss and leaves the weights on the card."""
     from pathlib import Path
 
     from fedmergenet.config import RunConfig
     from fedmergenet.data import DeviceBatches, ImageDataset
+    from fedmergenet.data.datasets import fashion_mnist_dirs
     from fedmergenet.data.splits import client_data
     from fedmergenet.flower.client_app import local_train
     from fedmergenet.models import new_student
@@ -460,9 +461,13 @@ def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path):
     batches = DeviceBatches(ds, None, batch_size=16, train=True, seed=0, device=cuda)
     x, y = next(iter(batches))
     assert x.is_cuda and y.is_cuda and x.shape == (16, 3, 32, 32)
-    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
-        pytest.skip("the client part needs Debian's dataset-fashion-mnist package")
-    cfg = RunConfig(dataset="fashion-mnist", data_dir=str(tmp_path), train_limit=96, batch_size=16, device="cuda")
+    # The project's data folder (where scripts/gpu_machine.sh unpacks Fashion-MNIST), then the system's.
+    data_dir = Path(__file__).resolve().parents[1] / "data"
+    if not any((folder / "train-images-idx3-ubyte.gz").is_file() or (folder / "train-images-idx3-ubyte").is_file()
+               for folder in fashion_mnist_dirs(data_dir)):
+        pytest.skip("the client part needs Fashion-MNIST: Debian's dataset-fashion-mnist package or data/fashion-mnist/")
+    monkeypatch.setenv("FEDMERGENET_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = RunConfig(dataset="fashion-mnist", data_dir=str(data_dir), train_limit=96, batch_size=16, device="cuda")
     assert isinstance(client_data(cfg, 0, 2, device=cuda).train, DeviceBatches)
     model = new_student(cfg).to(cuda)
     loss, examples = local_train(cfg, model, 0, 2, server_round=1, device=cuda)
