@@ -71,9 +71,9 @@ def evaluation(settings: Settings) -> dict[str, Any]:
 
 def recalibration(settings: Settings) -> dict[str, Any]:
     """A client's BatchNorm recalibration on one partition (batch 128): torch's update_bn
-    against ours over the same batches, eager and recorded (a CUDA graph replayed per batch, the
-    default on CUDA), recorded in channels_last (the CPU's layout for forward passes), and over
-    the first ``recalibrate-batches`` of the gpu preset, beside that client's training epoch (4a)."""
+    against ours over the same batches, eager and recorded (a CUDA graph replayed per batch in
+    channels_last, the default on CUDA), recorded in the default layout, and over the first
+    ``recalibrate-batches`` of the gpu preset, beside that client's training epoch (4a)."""
     cfg = training_config(settings, 128)
     batches = apply_preset("gpu").recalibrate_batches
     data = client_data(cfg, 0, cfg.num_clients, device=CUDA)
@@ -82,7 +82,8 @@ def recalibration(settings: Settings) -> dict[str, Any]:
     variants = {"update_bn": lambda: torch.optim.swa_utils.update_bn(loader, model, CUDA),
                 "ours_eager": lambda: recalibrate_bn(model, loader, CUDA, capture=False),
                 "ours": lambda: recalibrate_bn(model, loader, CUDA),
-                "ours_channels_last": lambda: recalibrate_bn(model, loader, CUDA, memory_format=torch.channels_last),
+                "ours_default_layout": lambda: recalibrate_bn(model, loader, CUDA,
+                                                              memory_format=torch.contiguous_format),
                 "ours_preset_eager": lambda: recalibrate_bn(model, loader, CUDA, max_batches=batches, capture=False),
                 "ours_preset": lambda: recalibrate_bn(model, loader, CUDA, max_batches=batches)}
     for run in variants.values():

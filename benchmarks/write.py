@@ -375,9 +375,9 @@ def recalibration_lines(c: dict[str, Any]) -> list[str]:
     preset = str(r["preset_batches"])
     rows = [["torch's `update_bn` (reads a counter back per BatchNorm per batch)", "all", r["seconds"]["update_bn"]],
             ["ours, eager", "all", r["seconds"]["ours_eager"]],
-            ["**ours** (`recalibrate_bn`, recorded)", "all", r["seconds"]["ours"]],
-            *([["ours, recorded, channels_last", "all", r["seconds"]["ours_channels_last"]]]
-              if "ours_channels_last" in r["seconds"] else []),
+            ["**ours** (`recalibrate_bn`, recorded, channels_last)", "all", r["seconds"]["ours"]],
+            *([["ours, recorded, default layout", "all", r["seconds"]["ours_default_layout"]]]
+              if "ours_default_layout" in r["seconds"] else []),
             ["ours, eager, the gpu preset's `recalibrate-batches`", preset, r["seconds"]["ours_preset_eager"]],
             ["**ours**, recorded, the gpu preset's `recalibrate-batches`", preset, r["seconds"]["ours_preset"]]]
     return ["### 4d BatchNorm recalibration", "",

@@ -88,11 +88,11 @@ def test_the_gpu_figures_are_marked_against_their_targets_and_name_their_card() 
     assert "| ours, eager, the gpu preset's `recalibrate-batches` | 32 | 0.225 | 0.20 |" in text
     assert "| **ours**, recorded, the gpu preset's `recalibrate-batches` | 32 | 0.113 | 0.10 |" in text
     assert "4e" not in text  # older raw data did not measure the card's sharing
-    assert "channels_last |" not in text.split("### 4d")[1]  # nor recalibration in channels_last
+    assert "default layout |" not in text.split("### 4d")[1]  # nor recalibration in the default layout
     figures = cuda_figures(16_000.0, 1.2)
-    figures["recalibration"]["seconds"]["ours_channels_last"] = 0.36
+    figures["recalibration"]["seconds"]["ours_default_layout"] = 0.36
     text = "\n".join(cuda_section({"cuda": figures}))
-    assert "| ours, recorded, channels_last | all | 0.360 | 0.32 |" in text
+    assert "| ours, recorded, default layout | all | 0.360 | 0.32 |" in text
     assert "| 256 | 90,000 | 100,000 | 0.90 |\n" in text  # no evaluation in channels_last in older raw data
     figures["evaluation"]["256"]["ours_channels_last_images_per_s"] = 95_000.0
     text = "\n".join(cuda_section({"cuda": figures}))

@@ -190,6 +190,36 @@ def test_forward_passes_on_a_cpu_run_in_channels_last_and_leave_the_model_as_it_
     assert ours_metrics == pytest.approx(default_metrics, rel=1e-4)
 
 
+def test_on_a_gpu_a_recorded_forward_pass_runs_in_channels_last_and_an_eager_one_in_the_default_layout():
+    """Measured, not assumed (README, Performance): a recorded recalibration replayed faster in
+    channels_last on an H200, as training's recorded step does; eager passes there were slower in
+    it. A CPU runs every forward pass in channels_last."""
+    from fedmergenet.training import forward_memory_format
+
+    cuda = torch.device("cuda")
+    assert forward_memory_format(cuda, recorded=True) == torch.channels_last
+    assert forward_memory_format(cuda) == torch.contiguous_format
+    assert forward_memory_format(CPU) == forward_memory_format(CPU, recorded=True) == torch.channels_last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recorded_recalibration_on_the_gpu_sees_channels_last_batches_and_an_eager_one_does_not():
+    """On a GPU (skipped elsewhere): the layout each recalibration runs in, as the model sees it,
+    and the weights back in the ordinary layout after either."""
+    cuda = torch.device("cuda")
+    model = build_student(num_classes=10).to(cuda)
+    layouts: list[bool] = []
+    model.pre.register_forward_pre_hook(
+        lambda _, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    batches = DataLoader(tiny_batch(n=48), batch_size=16)
+    recalibrate_bn(model, batches, cuda)
+    recorded = layouts[:]
+    layouts.clear()
+    recalibrate_bn(model, batches, cuda, capture=False)
+    assert recorded and all(recorded) and layouts and not any(layouts)
+    assert all(tensor.is_contiguous() for tensor in model.state_dict().values())
+
+
 def test_a_client_recalibrates_on_the_batches_its_run_config_names(tmp_path, monkeypatch):
     """A client's statistics for the server come from the first ``recalibrate-batches`` batches
     of its training split (the same batches every round), or from all of them by default."""
