@@ -133,17 +133,26 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
 MPS_TIMEOUT_S = 90.0
 
 
+def _reported(name: str, images_per_s: float) -> float:
+    """``images_per_s``, also written to stderr at once: a time limit that ends the benchmark
+    before its JSON still leaves what it measured in the log."""
+    print(f"{name}: {images_per_s:,.0f} images/s", file=sys.stderr, flush=True)
+    return images_per_s
+
+
 def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    alone = in_one_process(1, count, batch_size)
-    ips = {"one_process": alone, "processes": in_processes(models, count, batch_size),
-           "streams": in_one_process(models, count, batch_size)}
+    alone = _reported("one_process", in_one_process(1, count, batch_size))
+    ips = {"one_process": alone, "processes": _reported("processes", in_processes(models, count, batch_size)),
+           "streams": _reported("streams", in_one_process(models, count, batch_size))}
     mps_error = None
     with private_mps() as env:
         if env is not None:
             try:
-                ips["processes_mps"] = in_processes(models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env)
+                ips["processes_mps"] = _reported(
+                    "processes_mps", in_processes(models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
             except RuntimeError as exc:  # the daemon started, its clients could not use it
                 mps_error = str(exc)
+                print(f"processes_mps: {mps_error}", file=sys.stderr, flush=True)
     return {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
             "vs_one_process": {name: value / alone for name, value in ips.items() if name != "one_process"},
             "mps_error": mps_error}

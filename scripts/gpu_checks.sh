@@ -24,6 +24,8 @@ OUT_DIR="$1"
 SUITE_SECONDS="${2:-330}"
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT_DIR"
+# A step that crashes in native code (a CUDA graph's replay, a driver) leaves its Python stack in its log.
+export PYTHONFAULTHANDLER=1
 start=$(date +%s)
 BUDGET="${BUDGET:-520}"
 step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }
@@ -44,7 +46,8 @@ if [ "${TESTS:-1}" != 0 ]; then
 fi
 if [ "${SHARING:-1}" != 0 ]; then
     timeout "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
-    step "sharing benchmark: exit $? ($(tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300))"
+    step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300
+        else tail -c 300 "$OUT_DIR/sharing.log" | tr '\n' ' '; fi))"
 fi
 if [ "${RECALIBRATION:-1}" != 0 ]; then
     timeout "$(limit 150 60)" python3 - > "$OUT_DIR/recalibration.json" 2> "$OUT_DIR/recalibration.log" <<'PY'

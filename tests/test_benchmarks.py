@@ -137,6 +137,23 @@ def test_a_training_process_that_fails_stops_the_side_by_side_measurement_with_t
     assert "FEDMERGENET_TEST" not in os.environ  # the children's environment, not this process's
 
 
+def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
+    """With the measurements stood in for (they need a GPU): each figure reaches stderr when it is
+    measured, so a time limit that stops the benchmark before its JSON still leaves the figures
+    before it in the log."""
+    from contextlib import nullcontext
+
+    from benchmarks import sharing
+
+    monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
+    monkeypatch.setattr(sharing, "in_processes", lambda processes, count, batch_size, **_: 900.0)
+    monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(None))  # no MPS daemon here
+    figures = sharing.measure(models=3, count=5)
+    assert capsys.readouterr().err.splitlines() == [
+        "one_process: 1,000 images/s", "processes: 900 images/s", "streams: 3,000 images/s"]
+    assert figures["vs_one_process"] == {"processes": 0.9, "streams": 3.0}
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_trainings_sharing_the_card_are_each_timed_to_the_end_of_their_work() -> None:
     from benchmarks import sharing
