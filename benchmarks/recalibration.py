@@ -33,7 +33,7 @@ from fedmergenet.config import PROJECT_ROOT, RunConfig
 from fedmergenet.data.splits import client_data, test_loader
 from fedmergenet.flower.client_app import local_train
 from fedmergenet.models import initial_student
-from fedmergenet.training import bn_statistics, evaluate, pool_bn_statistics
+from fedmergenet.training import bn_statistics, evaluate, forward_memory_format, laid_out, on_device, pool_bn_statistics
 
 CPU = torch.device("cpu")
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "recalibration.json"
@@ -71,18 +71,22 @@ def fedavg_model(cfg: RunConfig) -> nn.Module:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def batch_statistics(model: nn.Module, loader) -> list[dict[str, torch.Tensor]]:
-    """Every batch's own BatchNorm statistics (momentum 1: the running values are the batch's)."""
+    """Every batch's own BatchNorm statistics (momentum 1: the running values are the batch's),
+    from forward passes in the layout recalibrate_bn uses on a CPU."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in norms]
+    memory_format = forward_memory_format(CPU)
     model.train()
     per_batch = []
     try:
         for bn in norms:
             bn.momentum = 1.0
-        for images, _ in tqdm(loader, desc="batches", leave=False):
-            model(images.contiguous(memory_format=torch.channels_last))
-            per_batch.append(bn_statistics(model))
+        with laid_out(model, memory_format):
+            for images, _ in tqdm(loader, desc="batches", leave=False):
+                model(on_device(images, CPU, memory_format))
+                per_batch.append(bn_statistics(model))
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
@@ -109,7 +113,7 @@ def evaluated(model: nn.Module, stats: dict[str, torch.Tensor], loader) -> dict[
 def study(tiny: bool, rounds: int, alpha: float = 0.0) -> dict[str, Any]:
     training_cfg, cfg = configs(tiny, rounds, alpha)
     start = time.perf_counter()
-    model = fedavg_model(training_cfg).to(memory_format=torch.channels_last)
+    model = fedavg_model(training_cfg)
     train_s = time.perf_counter() - start
     averaged_stats = bn_statistics(model)  # plain FedAvg's statistics: the clients' averaged ones
     data = [client_data(cfg, client, cfg.num_clients) for client in range(cfg.num_clients)]

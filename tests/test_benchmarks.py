@@ -203,8 +203,8 @@ def test_the_recalibration_studys_statistics_over_n_batches_are_recalibrate_bns_
     expected = bn_statistics(model)
     ours = averaged(per_batch[:2])
     assert len(per_batch) == 3 and set(ours) == set(expected)
-    # Equal to float32 rounding: the study's forwards run in channels_last, recalibrate_bn's not.
-    assert all((ours[name] - expected[name]).norm() <= 1e-4 * expected[name].norm() for name in expected)
+    # The same forwards in the same layout: equal but for the order of the averaging's sums.
+    assert all((ours[name] - expected[name]).norm() <= 1e-6 * expected[name].norm() for name in expected)
 
 
 @pytest.mark.parametrize("args, error", [
