@@ -22,6 +22,7 @@ as aggregate images per second and as ratios to the reference.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing as mp
 import queue
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # A time limit's SIGTERM ends the run through its finally blocks, which stop the MPS daemon.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # It first writes every thread's stack to stderr, at once: Python acts on the signal only
+    # between bytecodes, so a run stuck in a CUDA call would otherwise end without saying where.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     print(json.dumps(measure(args.models, args.steps), indent=1))
     return 0
 

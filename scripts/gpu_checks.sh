@@ -26,6 +26,9 @@ shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT_DIR"
 # A step that crashes in native code (a CUDA graph's replay, a driver) leaves its Python stack in its log.
 export PYTHONFAULTHANDLER=1
+# A step still running KILL_AFTER seconds after its limit's SIGTERM (stuck in native code, where
+# Python cannot act on the signal) is killed, so that the steps after it still run.
+KILL_AFTER=15
 start=$(date +%s)
 BUDGET="${BUDGET:-520}"
 step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }
@@ -40,17 +43,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__)" \
     | tee -a "$OUT_DIR/machine.txt"
 if [ "${TESTS:-1}" != 0 ]; then
-    timeout "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
+    timeout -k "$KILL_AFTER" "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
         > "$OUT_DIR/gpu_tests.log" 2>&1
     step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
 fi
 if [ "${SHARING:-1}" != 0 ]; then
-    timeout "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
+    timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
     step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300
         else tail -c 300 "$OUT_DIR/sharing.log" | tr '\n' ' '; fi))"
 fi
 if [ "${RECALIBRATION:-1}" != 0 ]; then
-    timeout "$(limit 150 60)" python3 - > "$OUT_DIR/recalibration.json" 2> "$OUT_DIR/recalibration.log" <<'PY'
+    timeout -k "$KILL_AFTER" "$(limit 150 60)" python3 - > "$OUT_DIR/recalibration.json" 2> "$OUT_DIR/recalibration.log" <<'PY'
 import json, tempfile
 from pathlib import Path
 from benchmarks.cuda import recalibration
@@ -72,15 +75,15 @@ esac
 step "runs below with: ${MPS_FLAG[*]:-no MPS} (MPS=${MPS:-auto})"
 if [ "${ALONE:-1}" != 0 ]; then
     # Issue 12's item 2 (a round <= 1.3x its slowest client's training) is about one run alone.
-    timeout "$(limit 180 60)" python3 run_federated_mergenet.py --preset gpu --no-fusion --rounds 5 \
+    timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 run_federated_mergenet.py --preset gpu --no-fusion --rounds 5 \
         --output-dir results/gpu-alone "${MPS_FLAG[@]}" "$@" > "$OUT_DIR/alone.log" 2>&1
     step "one FedAvg run alone, 5 rounds: exit $? ($(python3 -c 'import json, sys
 print(json.load(open(sys.argv[1]))["round_times"])' results/gpu-alone/summary.json 2>&1 | cut -c1-400))"
 fi
-SUITE_SECONDS=$(limit "$SUITE_SECONDS" 20)  # the archive and the rounds' summary follow
-timeout "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
+SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the archive and the rounds' summary follow
+timeout -k "$KILL_AFTER" "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
     --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$OUT_DIR/suite.log" 2>&1
-step "suite: exit $? (124: stopped after $SUITE_SECONDS s)"
+step "suite: exit $? (124: stopped after $SUITE_SECONDS s; 137: killed $KILL_AFTER s after that)"
 tar czf "$OUT_DIR/suite.tgz" --exclude='*.pt' results/gpu-checks $([ -d results/gpu-alone ] && echo results/gpu-alone)
 python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
 import sys

@@ -137,6 +137,31 @@ def test_a_training_process_that_fails_stops_the_side_by_side_measurement_with_t
     assert "FEDMERGENET_TEST" not in os.environ  # the children's environment, not this process's
 
 
+def test_a_sharing_run_stopped_by_its_time_limit_says_where_it_was(tmp_path: Path) -> None:
+    """A time limit's SIGTERM ends the benchmark with its exit code, after writing where every
+    thread was: here a measurement (stood in for: it needs a GPU) that waits in native code."""
+    started = tmp_path / "started"
+    script = f"""
+import sys, time, torch
+from benchmarks import sharing
+torch.cuda.is_available = lambda: True
+def waiting_measurement(models, count):
+    open({str(started)!r}, "w").close()
+    time.sleep(60)
+sharing.measure = waiting_measurement
+sys.exit(sharing.main([]))
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + 15, err[-2000:]
+    assert "most recent call first" in err and "in waiting_measurement" in err
+
+
 def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
     """With the measurements stood in for (they need a GPU): each figure reaches stderr when it is
     measured, so a time limit that stops the benchmark before its JSON still leaves the figures
