@@ -94,6 +94,9 @@ def _process(count: int, batch_size: int, barrier: Any, results: Any) -> None:
     results.put((start, time.monotonic(), count * batch_size))
 
 
+JOIN_S, KILLED_JOIN_S = 30.0, 5.0  # how long the processes get to end, after their work or after a kill
+
+
 def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeout: float = 600.0,
                  env: dict[str, str] | None = None) -> float:
     """Aggregate images/s of ``processes`` processes training one student each, at the same time
@@ -107,6 +110,7 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
             child.start()
     done: list[tuple[float, float, int]] = []
     deadline = time.monotonic() + timeout
+    join_s = JOIN_S
     try:
         while len(done) < processes:
             try:
@@ -118,10 +122,14 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     except BaseException:
         for child in children:  # the others would wait at the barrier
             child.kill()
+        join_s = KILLED_JOIN_S
         raise
     finally:
+        # One deadline for all: a killed process inside the driver (an MPS client) can take long
+        # to go, and waiting for each in turn would outlast the time limit that stopped the run.
+        joined_by = time.monotonic() + join_s
         for child in children:
-            child.join(timeout=30)
+            child.join(timeout=max(0.0, joined_by - time.monotonic()))
             if child.is_alive():
                 child.kill()
     start, end = min(d[0] for d in done), max(d[1] for d in done)

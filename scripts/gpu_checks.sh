@@ -27,8 +27,9 @@ mkdir -p "$OUT_DIR"
 # A step that crashes in native code (a CUDA graph's replay, a driver) leaves its Python stack in its log.
 export PYTHONFAULTHANDLER=1
 # A step still running KILL_AFTER seconds after its limit's SIGTERM (stuck in native code, where
-# Python cannot act on the signal) is killed, so that the steps after it still run.
-KILL_AFTER=15
+# Python cannot act on the signal) is killed, so that the steps after it still run. The sharing
+# benchmark needs up to 25 s of it to end its processes and stop its MPS daemon.
+KILL_AFTER=30
 start=$(date +%s)
 BUDGET="${BUDGET:-520}"
 step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }

@@ -137,6 +137,40 @@ def test_a_training_process_that_fails_stops_the_side_by_side_measurement_with_t
     assert "FEDMERGENET_TEST" not in os.environ  # the children's environment, not this process's
 
 
+def test_processes_that_outlive_their_kill_are_waited_for_once_not_each_in_turn(monkeypatch) -> None:
+    """Killed processes stuck in the driver (MPS clients) can take long to go: the measurement
+    waits for them all within one short deadline, so the time limit that stopped it still holds."""
+    import queue
+
+    from benchmarks import sharing
+
+    class Stuck:  # a process that failed, and that no kill ends in time
+        exitcode = 1
+
+        def __init__(self, **_) -> None:
+            self.joins: list[float] = []
+
+        def start(self) -> None: ...
+        def kill(self) -> None: ...
+        def is_alive(self) -> bool: return True
+
+        def join(self, timeout: float) -> None:
+            self.joins.append(timeout)
+            time.sleep(timeout)
+
+    class Context:  # a multiprocessing context's three methods, by their names
+        def Barrier(self, parties: int) -> None: ...
+        def Queue(self) -> queue.Queue: return queue.Queue()
+        def Process(self, **kwargs) -> Stuck: return Stuck(**kwargs)
+
+    monkeypatch.setattr(sharing.mp, "get_context", lambda method: Context())
+    monkeypatch.setattr(sharing, "KILLED_JOIN_S", 0.6)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="a process failed"):
+        sharing.in_processes(3, count=1)
+    assert time.monotonic() - start < 3.0  # one 1 s poll, then 0.6 s for all three, not 3 x 30 s
+
+
 def test_a_sharing_run_stopped_by_its_time_limit_says_where_it_was(tmp_path: Path) -> None:
     """A time limit's SIGTERM ends the benchmark with its exit code, after writing where every
     thread was: here a measurement (stood in for: it needs a GPU) that waits in native code."""
