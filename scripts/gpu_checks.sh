@@ -3,8 +3,10 @@
 # tests, how trainings share the card (benchmarks/sharing.py), BatchNorm recalibration eager
 # against recorded (BENCHMARKS 4d), one FedAvg run of the gpu preset alone (5 rounds), then
 # the gpu preset's suite for one seed with three arms side by side, stopped after
-# SUITE_SECONDS or when BUDGET runs out; the logs, metrics and summaries (no model files) go
-# to OUT_DIR. TESTS=0, SHARING=0, RECALIBRATION=0 or ALONE=0 leaves out that step.
+# SUITE_SECONDS or when BUDGET runs out. OUT_DIR gets steps.txt (what each step gave), the
+# benchmarks' JSON, rounds.txt (the suite's round times) and logs.tgz: the logs, metrics and
+# summaries (no model files), packed again after every step, since a lent machine sends back
+# at most 8 files. TESTS=0, SHARING=0, RECALIBRATION=0 or ALONE=0 leaves out that step.
 # BUDGET (seconds, default 520): the whole script ends within it, each step's time limit cut
 # to what is left, so that one call of a lent machine's 10 minutes, unpacking included, brings
 # every step's result back.
@@ -24,6 +26,9 @@ OUT_DIR="$1"
 SUITE_SECONDS="${2:-330}"
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT_DIR"
+LOGS=results/gpu-checks-logs  # on this machine: packed into OUT_DIR/logs.tgz with the runs' results
+rm -rf "$LOGS" results/gpu-alone results/gpu-checks  # a warm machine's last call must not resume
+mkdir -p "$LOGS"
 # A step that crashes in native code (a CUDA graph's replay, a driver) leaves its Python stack in its log.
 export PYTHONFAULTHANDLER=1
 # A step still running KILL_AFTER seconds after its limit's SIGTERM (stuck in native code, where
@@ -32,7 +37,12 @@ export PYTHONFAULTHANDLER=1
 KILL_AFTER=30
 start=$(date +%s)
 BUDGET="${BUDGET:-520}"
-step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; }
+pack() {
+    local paths=("$LOGS") run
+    for run in results/gpu-alone results/gpu-checks; do [ -d "$run" ] && paths+=("$run"); done
+    tar czf "$OUT_DIR/logs.tgz.part" --exclude='*.pt' "${paths[@]}" && mv "$OUT_DIR/logs.tgz.part" "$OUT_DIR/logs.tgz"
+}
+step() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT_DIR/steps.txt"; pack; }
 # The smaller of CAP and what is left of BUDGET, less RESERVE for the steps that must follow (at least 1).
 limit() {
     local left=$(( BUDGET - ($(date +%s) - start) - ${2:-0} ))
@@ -40,21 +50,21 @@ limit() {
     echo $(( left < cap ? (left > 1 ? left : 1) : cap ))
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/machine.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT_DIR/steps.txt"
 python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__)" \
-    | tee -a "$OUT_DIR/machine.txt"
+    | tee -a "$OUT_DIR/steps.txt"
 if [ "${TESTS:-1}" != 0 ]; then
     timeout -k "$KILL_AFTER" "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
-        > "$OUT_DIR/gpu_tests.log" 2>&1
-    step "GPU tests: exit $? ($(tail -1 "$OUT_DIR/gpu_tests.log"))"
+        > "$LOGS/gpu_tests.log" 2>&1
+    step "GPU tests: exit $? ($(tail -1 "$LOGS/gpu_tests.log"))"
 fi
 if [ "${SHARING:-1}" != 0 ]; then
-    timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$OUT_DIR/sharing.log"
+    timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$LOGS/sharing.log"
     step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300
-        else tail -c 300 "$OUT_DIR/sharing.log" | tr '\n' ' '; fi))"
+        else tail -c 300 "$LOGS/sharing.log" | tr '\n' ' '; fi))"
 fi
 if [ "${RECALIBRATION:-1}" != 0 ]; then
-    timeout -k "$KILL_AFTER" "$(limit 150 60)" python3 - > "$OUT_DIR/recalibration.json" 2> "$OUT_DIR/recalibration.log" <<'PY'
+    timeout -k "$KILL_AFTER" "$(limit 150 60)" python3 - > "$OUT_DIR/recalibration.json" 2> "$LOGS/recalibration.log" <<'PY'
 import json, tempfile
 from pathlib import Path
 from benchmarks.cuda import recalibration
@@ -77,15 +87,14 @@ step "runs below with: ${MPS_FLAG[*]:-no MPS} (MPS=${MPS:-auto})"
 if [ "${ALONE:-1}" != 0 ]; then
     # Issue 12's item 2 (a round <= 1.3x its slowest client's training) is about one run alone.
     timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 run_federated_mergenet.py --preset gpu --no-fusion --rounds 5 \
-        --output-dir results/gpu-alone "${MPS_FLAG[@]}" "$@" > "$OUT_DIR/alone.log" 2>&1
+        --output-dir results/gpu-alone "${MPS_FLAG[@]}" "$@" > "$LOGS/alone.log" 2>&1
     step "one FedAvg run alone, 5 rounds: exit $? ($(python3 -c 'import json, sys
 print(json.load(open(sys.argv[1]))["round_times"])' results/gpu-alone/summary.json 2>&1 | cut -c1-400))"
 fi
-SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the archive and the rounds' summary follow
+SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the rounds' summary and the archive follow
 timeout -k "$KILL_AFTER" "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
-    --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$OUT_DIR/suite.log" 2>&1
+    --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$LOGS/suite.log" 2>&1
 step "suite: exit $? (124: stopped after $SUITE_SECONDS s; 137: killed $KILL_AFTER s after that)"
-tar czf "$OUT_DIR/suite.tgz" --exclude='*.pt' results/gpu-checks $([ -d results/gpu-alone ] && echo results/gpu-alone)
 python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
 import sys
 from pathlib import Path
