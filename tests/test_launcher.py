@@ -44,9 +44,13 @@ def test_script_is_executable_and_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=20)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_shellcheck_passes():
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+SHELL_SCRIPTS = [SCRIPT, *sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (CI installs Debian's)")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_shellcheck_passes(script: Path):
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
