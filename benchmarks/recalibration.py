@@ -71,7 +71,6 @@ def fedavg_model(cfg: RunConfig) -> nn.Module:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def batch_statistics(model: nn.Module, loader) -> list[dict[str, torch.Tensor]]:
     """Every batch's own BatchNorm statistics (momentum 1: the running values are the batch's),
     from forward passes in the layout recalibrate_bn uses on a CPU."""
