@@ -72,8 +72,8 @@ def forward_memory_format(device: torch.device, recorded: bool = False) -> torch
     """The layout of a forward-only pass (evaluation, BatchNorm recalibration). On a CPU
     channels_last, in which MobileNetV2's forward runs about 1.7x faster there (BENCHMARKS.md,
     1a). On a GPU channels_last too where the pass is ``recorded`` as a CUDA graph, as training's
-    step is: a recorded recalibration replayed 1.29x faster in it on an H200 (README,
-    Performance). An eager pass on a GPU keeps the default layout: its eager forward of 256
+    step is: a recorded recalibration replayed faster in it on an H200 (README, Performance).
+    An eager pass on a GPU keeps the default layout: its eager forward of 256
     images already runs at the bare forward's speed in it (4b), and channels_last made the eager
     step slower there (4a)."""
     return torch.channels_last if device.type == "cpu" or recorded else torch.contiguous_format
