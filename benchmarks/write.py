@@ -358,11 +358,11 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
     """4b's table, with ours in channels_last when the raw data has it (older GPU runs did not)."""
-    laid_out = all("ours_channels_last_images_per_s" in e for e in evaluation.values())
-    header = ["batch", "ours images/s", "plain images/s", "ratio"] + (["ours in channels_last images/s"] if laid_out else [])
+    channels_last = all("ours_channels_last_images_per_s" in e for e in evaluation.values())
+    header = ["batch", "ours images/s", "plain images/s", "ratio"] + (["ours in channels_last images/s"] if channels_last else [])
     return _table(header,
                   [[batch, f"{e['ours_images_per_s']:,.0f}", f"{e['plain_images_per_s']:,.0f}", f"{e['ratio']:.2f}"]
-                   + ([f"{e['ours_channels_last_images_per_s']:,.0f}"] if laid_out else [])
+                   + ([f"{e['ours_channels_last_images_per_s']:,.0f}"] if channels_last else [])
                    for batch, e in evaluation.items()])
 
 

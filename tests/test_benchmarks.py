@@ -147,16 +147,11 @@ def test_processes_that_outlive_their_kill_are_waited_for_once_not_each_in_turn(
     class Stuck:  # a process that failed, and that no kill ends in time
         exitcode = 1
 
-        def __init__(self, **_) -> None:
-            self.joins: list[float] = []
-
+        def __init__(self, **_) -> None: ...
         def start(self) -> None: ...
         def kill(self) -> None: ...
         def is_alive(self) -> bool: return True
-
-        def join(self, timeout: float) -> None:
-            self.joins.append(timeout)
-            time.sleep(timeout)
+        def join(self, timeout: float) -> None: time.sleep(timeout)
 
     class Context:  # a multiprocessing context's three methods, by their names
         def Barrier(self, parties: int) -> None: ...

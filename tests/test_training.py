@@ -479,7 +479,7 @@ def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path, monkeypatc
 
     from fedmergenet.config import RunConfig
     from fedmergenet.data import DeviceBatches, ImageDataset
-    from fedmergenet.data.datasets import fashion_mnist_dirs
+    from fedmergenet.data.datasets import _find_idx_pair, fashion_mnist_dirs
     from fedmergenet.data.splits import client_data
     from fedmergenet.flower.client_app import local_train
     from fedmergenet.models import new_student
@@ -493,8 +493,7 @@ def test_a_client_trains_on_the_gpu_from_batches_made_there(tmp_path, monkeypatc
     assert x.is_cuda and y.is_cuda and x.shape == (16, 3, 32, 32)
     # The project's data folder (where scripts/gpu_machine.sh unpacks Fashion-MNIST), then the system's.
     data_dir = Path(__file__).resolve().parents[1] / "data"
-    if not any((folder / "train-images-idx3-ubyte.gz").is_file() or (folder / "train-images-idx3-ubyte").is_file()
-               for folder in fashion_mnist_dirs(data_dir)):
+    if _find_idx_pair(fashion_mnist_dirs(data_dir), train=True) is None:
         pytest.skip("the client part needs Fashion-MNIST: Debian's dataset-fashion-mnist package or data/fashion-mnist/")
     monkeypatch.setenv("FEDMERGENET_CACHE_DIR", str(tmp_path / "cache"))
     cfg = RunConfig(dataset="fashion-mnist", data_dir=str(data_dir), train_limit=96, batch_size=16, device="cuda")
