@@ -26,9 +26,11 @@ import faulthandler
 import json
 import multiprocessing as mp
 import queue
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,8 +88,12 @@ def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE) -> flo
     return models * count * batch_size / replay(steps, streams, count)
 
 
-def _process(count: int, batch_size: int, barrier: Any, results: Any) -> None:
+def _process(index: int, count: int, batch_size: int, barrier: Any, results: Any) -> None:
+    # A time limit's SIGTERM reaches these processes too (``timeout`` signals its process group):
+    # each writes where it was into the shared log before it ends.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     steps, stream = ready(1, count, batch_size)
+    print(f"process {index}: recorded, at the barrier", file=sys.stderr, flush=True)
     barrier.wait(timeout=300)  # every process set up: the timed replays overlap
     start = time.monotonic()  # system-wide, comparable across processes
     replay(steps, stream, count)
@@ -103,8 +109,8 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     (with ``env`` added to their environment)."""
     context = mp.get_context("spawn")  # CUDA cannot be forked
     barrier, results = context.Barrier(processes), context.Queue()
-    children = [context.Process(target=_process, args=(count, batch_size, barrier, results))
-                for _ in range(processes)]
+    children = [context.Process(target=_process, args=(index, count, batch_size, barrier, results))
+                for index in range(processes)]
     with environment_with(env or {}):
         for child in children:
             child.start()
@@ -142,29 +148,38 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
 MPS_TIMEOUT_S = 90.0
 
 
-def _reported(name: str, images_per_s: float) -> float:
-    """``images_per_s``, also written to stderr at once: a time limit that ends the benchmark
-    before its JSON still leaves what it measured in the log."""
+def _reported(name: str, measurement: Callable[[], float]) -> float:
+    """``measurement``'s images per second, its start and its figure written to stderr at once: a
+    time limit that ends the benchmark before its JSON still leaves in the log what it measured,
+    and which measurement it was in."""
+    print(f"{name}: measuring", file=sys.stderr, flush=True)
+    images_per_s = measurement()
     print(f"{name}: {images_per_s:,.0f} images/s", file=sys.stderr, flush=True)
     return images_per_s
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
 def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    alone = _reported("one_process", in_one_process(1, count, batch_size))
-    ips = {"one_process": alone, "processes": _reported("processes", in_processes(models, count, batch_size)),
-           "streams": _reported("streams", in_one_process(models, count, batch_size))}
-    mps_error = None
+    """The figures; ``mps`` says what became of the MPS measurement (``measured``, or why not)."""
+    alone = _reported("one_process", lambda: in_one_process(1, count, batch_size))
+    ips = {"one_process": alone,
+           "processes": _reported("processes", lambda: in_processes(models, count, batch_size)),
+           "streams": _reported("streams", lambda: in_one_process(models, count, batch_size))}
+    mps = f"no {MPS_CONTROL} on the PATH" if shutil.which(MPS_CONTROL) is None else "its daemon did not start"
     with private_mps() as env:
         if env is not None:
             try:
-                ips["processes_mps"] = _reported(
-                    "processes_mps", in_processes(models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
+                ips["processes_mps"] = _reported("processes_mps", lambda: in_processes(
+                    models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
+                mps = "measured"
             except RuntimeError as exc:  # the daemon started, its clients could not use it
-                mps_error = str(exc)
-                print(f"processes_mps: {mps_error}", file=sys.stderr, flush=True)
+                mps = f"its processes failed: {exc}"
+                print(f"processes_mps: {mps}", file=sys.stderr, flush=True)
     return {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
             "vs_one_process": {name: value / alone for name, value in ips.items() if name != "one_process"},
-            "mps_error": mps_error}
+            "mps": mps}
 
 
 def main(argv: list[str] | None = None) -> int:

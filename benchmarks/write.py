@@ -403,8 +403,12 @@ def sharing_lines(c: dict[str, Any]) -> list[str]:
             "student, random data already on the card (`benchmarks/sharing.py`). Images per second of all "
             "students together:", "",
             *_table(["", "images/s", "vs one process"], [[name, f"{v:,.0f}", f"{r:.2f}"] for name, v, r in rows]), "",
-            *([] if "processes_mps" in ips else ["CUDA MPS: not measured (no `nvidia-cuda-mps-control` on the machine, "
-                                                 "or its daemon did not start).", ""])]
+            *([] if "processes_mps" in ips else [f"CUDA MPS: not measured ({_mps_reason(s)}).", ""])]
+
+
+def _mps_reason(sharing: dict[str, Any]) -> str:
+    """Why 4e has no MPS figure: what the benchmark recorded, or either cause where it did not say."""
+    return sharing.get("mps") or "no `nvidia-cuda-mps-control` on the machine, or its daemon did not start"
 
 
 def render(data: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ limit() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT_DIR/steps.txt"
 python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', flwr.__version__, 'ray', ray.__version__)" \
     | tee -a "$OUT_DIR/steps.txt"
+echo "$(nproc) CPU cores; nvidia-cuda-mps-control: $(command -v nvidia-cuda-mps-control || echo none)" | tee -a "$OUT_DIR/steps.txt"
 if [ "${TESTS:-1}" != 0 ]; then
     timeout -k "$KILL_AFTER" "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
         > "$LOGS/gpu_tests.log" 2>&1
@@ -60,7 +61,11 @@ if [ "${TESTS:-1}" != 0 ]; then
 fi
 if [ "${SHARING:-1}" != 0 ]; then
     timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$LOGS/sharing.log"
-    step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then tr -d '\n ' < "$OUT_DIR/sharing.json" | cut -c1-300
+    step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then python3 - "$OUT_DIR/sharing.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(", ".join(f"{k} {v:,.0f} img/s" for k, v in s["images_per_s"].items()), "| MPS:", s["mps"])
+PY
         else tail -c 300 "$LOGS/sharing.log" | tr '\n' ' '; fi))"
 fi
 if [ "${RECALIBRATION:-1}" != 0 ]; then

@@ -110,6 +110,8 @@ def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> 
     assert "| 3 processes side by side, one student each | 19,000 | 0.95 |" in text
     assert "| 3 students in one process, one CUDA stream each | 31,000 | 1.55 |" in text
     assert "CUDA MPS: not measured" in text  # this machine had no MPS
+    figures["sharing"]["mps"] = "no nvidia-cuda-mps-control on the PATH"
+    assert "CUDA MPS: not measured (no nvidia-cuda-mps-control on the PATH)." in cuda_section({"cuda": figures})
     figures["sharing"]["images_per_s"]["processes_mps"] = 40_000.0
     figures["sharing"]["vs_one_process"]["processes_mps"] = 2.0
     text = "\n".join(cuda_section({"cuda": figures}))
@@ -195,17 +197,41 @@ def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkey
     """With the measurements stood in for (they need a GPU): each figure reaches stderr when it is
     measured, so a time limit that stops the benchmark before its JSON still leaves the figures
     before it in the log."""
-    from contextlib import nullcontext
-
     from benchmarks import sharing
 
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
     monkeypatch.setattr(sharing, "in_processes", lambda processes, count, batch_size, **_: 900.0)
-    monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(None))  # no MPS daemon here
+    monkeypatch.setattr(sharing.shutil, "which", lambda name: None)  # no MPS here
     figures = sharing.measure(models=3, count=5)
     assert capsys.readouterr().err.splitlines() == [
-        "one_process: 1,000 images/s", "processes: 900 images/s", "streams: 3,000 images/s"]
+        "one_process: measuring", "one_process: 1,000 images/s", "processes: measuring", "processes: 900 images/s",
+        "streams: measuring", "streams: 3,000 images/s"]
     assert figures["vs_one_process"] == {"processes": 0.9, "streams": 3.0}
+    assert figures["mps"] == "no nvidia-cuda-mps-control on the PATH"
+
+
+def test_the_sharing_benchmark_says_why_mps_was_not_measured(monkeypatch, capsys) -> None:
+    """A daemon that does not start, and processes that cannot use one that did, are told apart
+    in the figures (the MPS processes stood in for: they need a GPU)."""
+    from contextlib import nullcontext
+
+    from benchmarks import sharing
+
+    def processes(processes, count, batch_size, env=None, **_):
+        if env is not None:
+            raise RuntimeError("a process failed or ran past 90 s (exit codes [None, None, None])")
+        return 900.0
+
+    monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
+    monkeypatch.setattr(sharing, "in_processes", processes)
+    monkeypatch.setattr(sharing.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(None))
+    assert sharing.measure(models=3, count=5)["mps"] == "its daemon did not start"
+    monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext({"CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe"}))
+    figures = sharing.measure(models=3, count=5)
+    assert figures["mps"].startswith("its processes failed: a process failed or ran past 90 s")
+    assert "processes_mps" not in figures["images_per_s"]
+    assert "processes_mps: its processes failed" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -218,6 +244,7 @@ def test_trainings_sharing_the_card_are_each_timed_to_the_end_of_their_work() ->
     assert figures["vs_one_process"]["streams"] == pytest.approx(ips["streams"] / ips["one_process"])
     assert figures["vs_one_process"]["processes"] == pytest.approx(ips["processes"] / ips["one_process"])
     assert set(ips) in ({"one_process", "processes", "streams"}, {"one_process", "processes", "processes_mps", "streams"})
+    assert (figures["mps"] == "measured") == ("processes_mps" in ips)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
