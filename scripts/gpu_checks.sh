@@ -6,7 +6,7 @@
 # SUITE_SECONDS or when BUDGET runs out. OUT_DIR gets steps.txt (what each step gave), the
 # benchmarks' JSON, rounds.txt (the suite's round times) and logs.tgz: the logs, metrics and
 # summaries (no model files), packed again after every step, since a lent machine sends back
-# at most 8 files. TESTS=0, SHARING=0, RECALIBRATION=0 or ALONE=0 leaves out that step.
+# at most 8 files. TESTS=0, SHARING=0, RECALIBRATION=0, ALONE=0 or SUITE=0 leaves out that step.
 # BUDGET (seconds, default 520): the whole script ends within it, each step's time limit cut
 # to what is left, so that one call of a lent machine's 10 minutes, unpacking included, brings
 # every step's result back.
@@ -96,15 +96,17 @@ if [ "${ALONE:-1}" != 0 ]; then
     step "one FedAvg run alone, 5 rounds: exit $? ($(python3 -c 'import json, sys
 print(json.load(open(sys.argv[1]))["round_times"])' results/gpu-alone/summary.json 2>&1 | cut -c1-400))"
 fi
-SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the rounds' summary and the archive follow
-timeout -k "$KILL_AFTER" "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
-    --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$LOGS/suite.log" 2>&1
-step "suite: exit $? (124: stopped after $SUITE_SECONDS s; 137: killed $KILL_AFTER s after that)"
-python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
+if [ "${SUITE:-1}" != 0 ]; then
+    SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the rounds' summary and the archive follow
+    timeout -k "$KILL_AFTER" "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
+        --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$LOGS/suite.log" 2>&1
+    step "suite: exit $? (124: stopped after $SUITE_SECONDS s; 137: killed $KILL_AFTER s after that)"
+    python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
 import sys
 from pathlib import Path
 from fedmergenet.results import read_metrics, round_times
 for run in sorted(Path(sys.argv[1]).glob("seed*/*/metrics.jsonl")):
     print(run.parent.name, round_times(read_metrics(run.parent)))
 PY
+fi
 step "done"
