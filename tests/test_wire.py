@@ -157,3 +157,46 @@ def test_replies_are_collected_soon_after_they_arrive_and_the_phase_ends_at_its_
     replies = wire.send(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
                                for n in (1, 30)]).replies(timeout=10.0)
     assert len(replies) == 1 and clock[0] == 10.0  # the late node's reply is left out, pulled last at the deadline
+
+
+def test_arrays_are_written_as_np_save_writes_them_and_read_without_parsing(base_state):
+    """as_array writes the bytes Flower's Array(ndarray) writes (np.save's), for every tensor of
+    the student; values reads them back as a read-only view, and tensors_of as writable copies,
+    both equal to what Flower's own numpy() and to_torch_state_dict() give."""
+    from flwr.app import Array
+
+    from fedmergenet.flower.arrays import as_array, tensors_of, values
+
+    state = trained(base_state, 1)
+    flowers = ArrayRecord(state)
+    for name, tensor in state.items():
+        assert as_array(tensor.numpy()) == flowers[name], name  # dtype, shape, stype and bytes
+        view = values(flowers[name])
+        assert not view.flags.writeable and view.dtype == tensor.numpy().dtype
+        assert np.array_equal(view, flowers[name].numpy()), name
+    ours = tensors_of(flowers)
+    assert list(ours) == list(state)
+    for name, tensor in flowers.to_torch_state_dict().items():
+        assert torch.equal(ours[name], tensor) and ours[name].numpy().flags.writeable, name
+    odd = [np.array(2.5), np.arange(6, dtype=np.float32).reshape(2, 3).T, np.zeros((0, 4)),
+           np.array([True, False])]
+    for array in odd:  # a 0-d counter, a Fortran-ordered view, an empty and a boolean array
+        assert np.array_equal(values(as_array(array)), array) and np.array_equal(as_array(array).numpy(), array)
+        assert np.array_equal(values(Array(array)), array)
+
+
+def test_an_array_whose_bytes_do_not_match_its_dtype_and_shape_is_read_by_flowers_parse():
+    """values takes the shortcut only where the header is exactly the one for the Array's own dtype
+    and shape: otherwise it returns what Flower's numpy() reads, whatever that is."""
+    from flwr.app import Array
+
+    from fedmergenet.flower.arrays import values
+
+    data = Array(np.arange(3, dtype=np.float32)).data
+    for dtype, shape in (("float32", (2,)), ("int32", (3,)), ("float32", (3, 1))):
+        claimed = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+        assert values(claimed).shape == (3,) and values(claimed).dtype == np.float32
+        assert np.array_equal(values(claimed), claimed.numpy())
+    cut = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=data[:-4])
+    with pytest.raises(ValueError):
+        values(cut)  # np.load's own error for a truncated array, as numpy() raises it

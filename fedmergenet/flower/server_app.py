@@ -27,6 +27,7 @@ from ..results import (append_metrics, metrics_row, read_metrics, rewrite_metric
 from ..teacher import load_teacher, teacher_for_run
 from ..training import evaluate, moved, pick_device, seed_everything
 from .aggregation import build_strategy, describe
+from .arrays import tensors_of
 from .state import ServerState, StateWriter, load_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
 from . import wire
@@ -209,7 +210,7 @@ class FederatedRun:
     def state(self, server_round: int, arrays: ArrayRecord) -> ServerState:
         return ServerState(
             round=server_round,
-            arrays=arrays.to_torch_state_dict(),
+            arrays=tensors_of(arrays),
             fusion=self.fusion_unit.state_dict() if self.fusion_unit else None,
             pending_fused=self.strategy.pending_fused,
             best_top1=self.best_top1,

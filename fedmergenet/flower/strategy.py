@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import (
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
+from .arrays import tensors_of, values
 from .task import STATISTICS, as_float, record_bytes, scalars_from
 from .wire import wire_error
 
@@ -125,8 +126,8 @@ def check_arrays(arrays: ArrayRecord, spec: dict[str, TensorSpec]) -> str | None
         if array.dtype != expected.dtype:
             return f"{name} has dtype {array.dtype}, expected {expected.dtype}"
     for name, array in arrays.items():
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        tensor = values(array)
+        if tensor.dtype.kind == "f" and not np.isfinite(tensor).all():
             return f"{name} contains NaN or Inf"
     return None
 
@@ -160,7 +161,7 @@ def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: in
     statistics = content[STATISTICS]
     reason = (check_count(next(iter(content.metric_records.values())), "train-examples", max_examples)
               or check_arrays(statistics, bn_spec))
-    if reason is None and any((statistics[name].numpy() < 0).any() for name in bn_spec if name.endswith("var")):
+    if reason is None and any((values(statistics[name]) < 0).any() for name in bn_spec if name.endswith("var")):
         return "a running variance is negative"
     return reason
 
@@ -372,7 +373,7 @@ class MergeNetFusion(Strategy):
                 log(WARNING, "Round %s: BatchNorm statistics of node %s left out: %s",
                     server_round, msg.metadata.src_node_id, reason)
         sound = in_content_order(sound, STATISTICS)
-        stats = [msg.content[STATISTICS].to_torch_state_dict() for msg in sound]
+        stats = [tensors_of(msg.content[STATISTICS]) for msg in sound]
         weights = [float(next(iter(msg.content.metric_records.values()))["train-examples"]) for msg in sound]
         if stats:
             for name, tensor in pool_bn_statistics(stats, weights).items():

@@ -22,6 +22,7 @@ from flwr.supercore.utils import get_flwr_home
 
 from ..config import PROJECT_ROOT, RunConfig
 from ..training import moved
+from .arrays import tensors_of
 
 # The ArrayRecord of a reply that carries the BatchNorm statistics a client recomputed for the
 # global model it was sent (an evaluate reply, or a train reply when the server asks).
@@ -64,7 +65,7 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     """Load by name, strictly: a missing or extra tensor is an error, never silently skipped.
     The tensors reach the model's device in one copy per dtype (``moved``)."""
     device = next(model.parameters()).device
-    model.load_state_dict(moved(arrays.to_torch_state_dict(), device), strict=True)
+    model.load_state_dict(moved(tensors_of(arrays), device), strict=True)
 
 
 def as_float(arrays: ArrayRecord) -> ArrayRecord:

@@ -19,9 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
+
+from .arrays import as_array, values
 
 WIRE = "wire"  # the ConfigRecord with the layout of each packed ArrayRecord
 ERROR = "error"  # why a reply could not be unpacked; its screening rejects it
@@ -33,12 +35,12 @@ def pack(record: ArrayRecord) -> tuple[ArrayRecord, dict[str, list[str]]]:
     groups: dict[str, list[np.ndarray]] = {}
     layout: dict[str, list[str]] = {"names": [], "shapes": [], "dtypes": []}
     for name, array in record.items():
-        values = array.numpy()
+        tensor = values(array)
         layout["names"].append(name)
-        layout["shapes"].append(",".join(map(str, values.shape)))
-        layout["dtypes"].append(values.dtype.str)
-        groups.setdefault(values.dtype.str, []).append(values.reshape(-1))
-    return ArrayRecord({dtype: Array(np.concatenate(parts)) for dtype, parts in groups.items()}), layout
+        layout["shapes"].append(",".join(map(str, tensor.shape)))
+        layout["dtypes"].append(tensor.dtype.str)
+        groups.setdefault(tensor.dtype.str, []).append(tensor.reshape(-1))
+    return ArrayRecord({dtype: as_array(np.concatenate(parts)) for dtype, parts in groups.items()}), layout
 
 
 def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
@@ -48,7 +50,7 @@ def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
         raise ValueError("its layout lists names, shapes and dtypes that do not pair up")
     if set(packed) != set(dtypes):
         raise ValueError(f"its packed dtypes {sorted(packed)} are not its layout's {sorted(set(dtypes))}")
-    flat = {dtype: array.numpy() for dtype, array in packed.items()}
+    flat = {dtype: values(array) for dtype, array in packed.items()}
     offsets = dict.fromkeys(flat, 0)
     tensors = {}
     for name, shape_text, dtype in zip(names, shapes, dtypes):
@@ -56,9 +58,9 @@ def unpack(packed: ArrayRecord, layout: dict[str, list[str]]) -> ArrayRecord:
         size, start = int(np.prod(shape, dtype=np.int64)), offsets[dtype]
         if size < 0 or start + size > flat[dtype].size:
             raise ValueError(f"its layout asks for more {dtype} values than it sent")
-        tensors[name] = Array(flat[dtype][start:start + size].reshape(shape))
+        tensors[name] = as_array(flat[dtype][start:start + size].reshape(shape))
         offsets[dtype] = start + size
-    if any(offsets[dtype] != values.size for dtype, values in flat.items()):
+    if any(offsets[dtype] != part.size for dtype, part in flat.items()):
         raise ValueError("it sent more values than its layout places")
     return ArrayRecord(tensors)
 
@@ -74,7 +76,7 @@ def packed(msg: Message, done: dict[int, tuple[ArrayRecord, dict[str, list[str]]
             if id(record) not in done:
                 done[id(record)] = pack(record)
             record, layout = done[id(record)]
-            layouts |= {f"{key}.{part}": values for part, values in layout.items()}
+            layouts |= {f"{key}.{part}": entries for part, entries in layout.items()}
         content[key] = record
     if layouts:
         content[WIRE] = ConfigRecord(layouts)
