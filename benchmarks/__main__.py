@@ -51,7 +51,7 @@ def measure(settings) -> dict[str, Any]:
         ("forward", lambda: m.forward_passes(settings)),
         ("fusion", lambda: m.fusion_step(settings)),
         ("checkpoint", lambda: m.checkpoint_write(settings)),
-        ("wire", lambda: m.student_wire(m.throughput_config(settings))),
+        ("wire", lambda: m.student_wire(m.throughput_config(settings), settings.repeats)),
         ("startup", lambda: startup.client_startup(settings)),
         ("runtime", lambda: runs.server_and_runtime(settings)),
         ("scale", lambda: runs.scale(settings)),

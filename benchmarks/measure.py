@@ -233,9 +233,36 @@ def trained_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def student_wire(cfg: RunConfig) -> dict[str, Any]:
+def student_wire(cfg: RunConfig, repeats: int = 5) -> dict[str, Any]:
     state = initial_student(cfg).state_dict()
-    return {"initial": wire_bytes(state), "trained": wire_bytes(trained_like(state))}
+    return {"initial": wire_bytes(state), "trained": wire_bytes(trained_like(state)),
+            "conversions": array_conversions(trained_like(state), repeats)}
+
+
+def array_conversions(state: dict[str, torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
+    """1d: what reading, writing and loading a message's tensors costs with ``flower.arrays``
+    against Flower's own ``Array.numpy()``, ``Array(ndarray)`` and ``to_torch_state_dict()`` on
+    the same record, interleaved: milliseconds per message (all of the student's tensors)."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedmergenet.flower.arrays import as_array, tensors_of, values
+
+    record = ArrayRecord(state)
+    arrays = [array.numpy() for array in record.values()]
+    pairs = {
+        "read": (lambda: [array.numpy() for array in record.values()], lambda: [values(a) for a in record.values()]),
+        "write": (lambda: [Array(array) for array in arrays], lambda: [as_array(array) for array in arrays]),
+        "load": (record.to_torch_state_dict, lambda: tensors_of(record)),
+    }
+    figures = {}
+    for name, (flowers, ours) in pairs.items():
+        samples = {"flower_ms": [], "ours_ms": []}
+        for _ in range(max(3, repeats)):
+            samples["flower_ms"].append(1000 * timed(flowers))
+            samples["ours_ms"].append(1000 * timed(ours))
+        figures[name] = {key: median(times) for key, times in samples.items()}
+        figures[name]["speedup"] = figures[name]["flower_ms"] / figures[name]["ours_ms"]
+    return figures
 
 
 def checkpoint_write(settings: Settings, num_classes: int = 10) -> dict[str, Any]:

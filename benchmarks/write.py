@@ -220,8 +220,26 @@ def runtime_section(data: dict[str, Any]) -> list[str]:
            if per_client[-1] != per_client[0] else "")
         + "; no compression is applied.",
         "",
+        *conversion_lines(w),
     ]
     return lines
+
+
+def conversion_lines(w: dict[str, Any]) -> list[str]:
+    """1d's conversions, when the raw data has them (older runs did not measure them)."""
+    if "conversions" not in w:
+        return []
+    c = w["conversions"]
+    what = {"read": "read every tensor's values (`Array.numpy()` / `values`)",
+            "write": "write every tensor (`Array(ndarray)` / `as_array`)",
+            "load": "load as torch tensors (`to_torch_state_dict()` / `tensors_of`)"}
+    return ["Packing, unpacking, screening and loading a message convert each of its tensors between a "
+            "Flower Array and numpy or torch. `fedmergenet/flower/arrays.py` writes each `.npy` header once per "
+            "dtype and shape and compares it instead of parsing it; against Flower's own conversions on the same "
+            "trained student (milliseconds per message, medians, interleaved):", "",
+            *_table(["", "Flower's own (ms)", "ours (ms)", "speed-up"],
+                    [[what[name], f"{c[name]['flower_ms']:.1f}", f"{c[name]['ours_ms']:.1f}",
+                      f"{c[name]['speedup']:.1f}x"] for name in ("read", "write", "load")]), ""]
 
 
 def memory_section(data: dict[str, Any]) -> list[str]:

@@ -316,3 +316,19 @@ def test_the_recalibration_study_evaluates_each_batch_count_against_the_whole_sp
         assert len(row["draws"]) == min(4, whole // int(n))
         assert all(0 <= d["top1"] <= 1 and 0 < d["stat_error"] < 1 for d in row["draws"])
     assert 0 <= data["without_recalibration"]["top1"] <= 1 and data["setting"]["tiny"] is True
+
+
+def test_a_messages_conversions_are_timed_against_flowers_own_and_rendered_in_1d() -> None:
+    from benchmarks.measure import array_conversions
+    from benchmarks.write import conversion_lines
+    from fedmergenet.models import build_student
+
+    figures = array_conversions(build_student(num_classes=10).state_dict(), repeats=3)
+    assert set(figures) == {"read", "write", "load"}
+    for row in figures.values():
+        assert row["flower_ms"] > 0 and row["ours_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["flower_ms"] / row["ours_ms"])
+    text = "\n".join(conversion_lines({"conversions": figures}))
+    assert "| read every tensor's values (`Array.numpy()` / `values`) |" in text
+    assert f"{figures['load']['speedup']:.1f}x |" in text
+    assert conversion_lines({"initial": {}, "trained": {}}) == []  # raw data from before these figures
