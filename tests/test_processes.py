@@ -132,3 +132,30 @@ def test_mps_on_a_machine_without_it_is_one_line_and_exit_2_before_any_work(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--mps needs NVIDIA's nvidia-cuda-mps-control" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_with_mps_every_process_the_run_starts_joins_its_daemon_and_the_daemon_stops_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--mps``: the runner's children (the suite's arms, the SuperLink and through it Ray's
+    actors) inherit the daemon's pipe folder; afterwards the runner's environment is as it was
+    and the daemon is told to quit. The run itself is stood in for by one child process."""
+    import fedmergenet.cli as cli
+
+    on_path_as_mps_control(FAKE_MPS_CONTROL, tmp_path, monkeypatch)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("MPS_CALLS", str(calls))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    seen: list[str] = []
+
+    def run(args, cfg) -> int:
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['CUDA_MPS_PIPE_DIRECTORY'])"],
+                               capture_output=True, text=True, check=True, timeout=60)
+        seen.append(child.stdout.strip())
+        return 0
+
+    monkeypatch.setattr(cli, "_run", run)
+    assert cli.runner_main(["--mps", "--random-teacher", "--output-dir", str(tmp_path / "run")]) == 0
+    pipe = seen[0]
+    assert pipe.endswith("pipe") and calls.read_text().splitlines() == [f"-d pipe={pipe} stdin=",
+                                                                        f" pipe={pipe} stdin=quit"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
