@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import io
 import math
-from functools import cache
+from functools import lru_cache
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
-NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY, what Array(ndarray) records
 
-
-@cache  # a model has a few dozen distinct (dtype, shape) pairs; each header is ~128 bytes
+# A model has a few dozen distinct (dtype, shape) pairs; bounded, since a reply's packed arrays
+# may claim any shape (the wire rejects those that do not fit their layout).
+@lru_cache(maxsize=1024)
 def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     """The header ``np.save`` writes before a C-ordered array of ``dtype`` and ``shape``."""
     header = io.BytesIO()
@@ -35,14 +36,14 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
 def as_array(values: np.ndarray) -> Array:
     """``values`` as a Flower Array, the bytes ``np.save`` writes for a C-ordered array."""
     data = npy_header(values.dtype.str, tuple(values.shape)) + values.tobytes(order="C")
-    return Array(dtype=str(values.dtype), shape=tuple(int(size) for size in values.shape), stype=NUMPY_STYPE,
+    return Array(dtype=str(values.dtype), shape=tuple(int(size) for size in values.shape), stype=SType.NUMPY,
                  data=data)
 
 
 def values(array: Array) -> np.ndarray:
     """``array``'s values, read-only: a view of its bytes when they hold exactly the header for
     its recorded dtype and shape and as many values as that shape has, else Flower's parse."""
-    if array.stype == NUMPY_STYPE:
+    if array.stype == SType.NUMPY:
         try:
             dtype = np.dtype(array.dtype)
         except TypeError:
