@@ -235,8 +235,9 @@ def trained_like(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def student_wire(cfg: RunConfig, repeats: int = 5) -> dict[str, Any]:
     state = initial_student(cfg).state_dict()
-    return {"initial": wire_bytes(state), "trained": wire_bytes(trained_like(state)),
-            "conversions": array_conversions(trained_like(state), repeats)}
+    trained = trained_like(state)
+    return {"initial": wire_bytes(state), "trained": wire_bytes(trained),
+            "conversions": array_conversions(trained, repeats)}
 
 
 def array_conversions(state: dict[str, torch.Tensor], repeats: int) -> dict[str, dict[str, float]]:
@@ -256,12 +257,9 @@ def array_conversions(state: dict[str, torch.Tensor], repeats: int) -> dict[str,
     }
     figures = {}
     for name, (flowers, ours) in pairs.items():
-        samples = {"flower_ms": [], "ours_ms": []}
-        for _ in range(max(3, repeats)):
-            samples["flower_ms"].append(1000 * timed(flowers))
-            samples["ours_ms"].append(1000 * timed(ours))
-        figures[name] = {key: median(times) for key, times in samples.items()}
-        figures[name]["speedup"] = figures[name]["flower_ms"] / figures[name]["ours_ms"]
+        flower_s, ours_s = interleaved(max(3, repeats), lambda: timed(flowers), lambda: timed(ours))
+        figures[name] = {"flower_ms": 1000 * median(flower_s), "ours_ms": 1000 * median(ours_s),
+                         "speedup": median(flower_s) / median(ours_s)}
     return figures
 
 
