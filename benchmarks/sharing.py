@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fedmergenet.launcher.processes import environment_with, private_mps
+from fedmergenet.launcher.processes import MPS_CONTROL, environment_with, private_mps
 from fedmergenet.models import build_student
 from fedmergenet.training import CAPTURE_WARMUP_STEPS, make_optimizer
 from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the loop's own step, recorded as it records it
@@ -156,9 +156,6 @@ def _reported(name: str, measurement: Callable[[], float]) -> float:
     images_per_s = measurement()
     print(f"{name}: {images_per_s:,.0f} images/s", file=sys.stderr, flush=True)
     return images_per_s
-
-
-MPS_CONTROL = "nvidia-cuda-mps-control"
 
 
 def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:

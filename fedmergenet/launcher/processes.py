@@ -229,6 +229,7 @@ def environment_with(env: dict[str, str]) -> Iterator[None]:
 
 
 MPS_QUIT_TIMEOUT_S = 20.0
+MPS_CONTROL = "nvidia-cuda-mps-control"  # NVIDIA's program that starts and stops an MPS daemon
 
 
 @contextlib.contextmanager
@@ -237,7 +238,7 @@ def private_mps() -> Iterator[dict[str, str] | None]:
     for the block and stopped after it; None where there is none to start. MPS runs several
     processes' kernels on a card at once, where without it they take turns. Its pipe folder is
     a temporary one, so no process outside the block's joins it."""
-    control = shutil.which("nvidia-cuda-mps-control")
+    control = shutil.which(MPS_CONTROL)
     if control is None:
         yield None
         return
