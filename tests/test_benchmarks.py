@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.write import summary_rows
+from benchmarks.write import startup_section, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fashion = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
@@ -38,6 +38,7 @@ def test_the_benchmark_command_measures_and_writes_every_figure(tmp_path: Path) 
     assert [r["fusion_applied"] for r in data["runtime"]["rounds"]] == [0, 1]  # the real fusion was timed
     assert data["runtime"]["memory"]["peak_rss_bytes"]["server"] > 0
     assert data["startup"]["steps_s"]["torch"] > 0
+    assert data["startup"]["torch_optimiser_s"] > 0 and data["startup"]["steps_s"]["the first optimiser and step"] > 0
     assert data["startup"]["full_data"]["decoded_s"] > 0 and data["startup"]["full_data"]["mapped_s"] > 0
     assert 0 < data["checkpoint"]["blocking_ms"] and 0 < data["checkpoint"]["write_ms"]
     assert data["scale"][0]["replies"] == data["scale"][0]["per_round"]
@@ -55,6 +56,16 @@ def test_each_target_is_marked_met_or_missed_from_its_number() -> None:
     marks = [row.rsplit("|", 2)[-2].strip() for row in rows[:5]]
     assert marks == ["**met**", "**met**", "**missed**", "**missed**", "**met**"]
     assert "pending" in rows[5]  # CUDA, until a GPU measures it
+
+
+def test_the_start_up_figures_show_torchs_optimiser_against_ours_where_measured() -> None:
+    startup = {"steps_s": {"torch": 1.5, "data split and loaders": 0.02, "the first optimiser and step": 0.01},
+               "total_s": 3.1, "uncached_split_s": 1.3, "torchvision_s": 1.4, "torch_optimiser_s": 1.18,
+               "before_total_s": 6.2, "epoch_s": 2.9}
+    text = "\n".join(startup_section({"startup": startup}))
+    assert "the first optimiser and step 1.18 s -> 0.01 s" in text and "| the first optimiser and step | 0.01 |" in text
+    del startup["torch_optimiser_s"]  # raw data from before that cut
+    assert "-> 0.01 s" not in "\n".join(startup_section({"startup": startup}))
 
 
 def cuda_figures(ours_128: float, fusion_ratio: float) -> dict:

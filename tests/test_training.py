@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -59,6 +61,57 @@ def test_positioning_the_scheduler_leaves_the_weights_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     make_scheduler(make_optimizer(model, lr=0.1, weight_decay=5e-4), [2], 0.1, start_epoch=5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_optimiser_steps_exactly_as_torchs_sgd():
+    """Same weights, momentum buffers and saved state as ``torch.optim.SGD`` after steps with
+    momentum, weight decay, a schedule and a closure: it runs torch's own code."""
+    torch.manual_seed(0)
+    ours_model, torch_model = build_student(num_classes=10), build_student(num_classes=10)
+    torch_model.load_state_dict(ours_model.state_dict())
+    images, labels = tiny_batch().tensors
+    ours = make_optimizer(ours_model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for model, optimizer in ((ours_model, ours), (torch_model, reference)):
+        scheduler = make_scheduler(optimizer, [2], 0.2, start_epoch=1)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+
+            def closure(model=model) -> torch.Tensor:
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                return loss
+
+            assert optimizer.step(closure).requires_grad  # the closure computes with gradients
+            scheduler.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours_model.state_dict().values(), torch_model.state_dict().values()))
+    assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+    ours_state, torch_state = ours.state_dict(), reference.state_dict()
+    assert ours_state["param_groups"] == torch_state["param_groups"]
+    assert all(torch.equal(ours_state["state"][i]["momentum_buffer"], torch_state["state"][i]["momentum_buffer"])
+               for i in torch_state["state"])
+    restored = make_optimizer(build_student(num_classes=10))
+    restored.load_state_dict(ours_state)
+    assert restored.state_dict()["param_groups"] == ours_state["param_groups"]
+
+
+def test_training_in_a_fresh_process_does_not_import_torchs_compiler():
+    """A deployment ClientApp is a fresh process per message: making the optimiser, positioning
+    its schedule and training an epoch must not pull in ``torch._dynamo`` (about a second)."""
+    child = """
+import sys, torch
+from torch.utils.data import DataLoader, TensorDataset
+from fedmergenet.models import build_student
+from fedmergenet.training import make_optimizer, make_scheduler, train_epoch
+model = build_student(num_classes=10)
+optimizer = make_optimizer(model)
+make_scheduler(optimizer, [2], 0.2, start_epoch=3)
+data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+train_epoch(model, DataLoader(data, batch_size=4), optimizer, torch.device("cpu"), progress=False)
+print(sorted(name for name in sys.modules if name.startswith("torch._dynamo")))
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def tiny_batch(n: int = 16, classes: int = 10, seed: int = 0) -> TensorDataset:
