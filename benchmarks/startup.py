@@ -27,8 +27,8 @@ import torch
 marks.append(("torch", time.perf_counter()))
 import flwr.supernode.runtime.run_clientapp
 marks.append(("flwr ClientApp runtime", time.perf_counter()))
-before = sys.argv[3] == "before"  # as a message was before the cuts
-if before:  # what our data transforms imported
+variant = sys.argv[3]  # "now", "before" the cuts, or "torch-sgd": now but with torch's own SGD
+if variant == "before":  # what our data transforms imported (torchvision imports torch._dynamo)
     import torchvision.transforms.v2
     marks.append(("torchvision", time.perf_counter()))
 import fedmergenet.flower.client_app as client_app
@@ -42,7 +42,7 @@ marks.append(("data split and loaders", time.perf_counter()))
 from fedmergenet.training import make_optimizer
 layer = torch.nn.Linear(1, 1)
 # torch's own SGD imports its compiler (torch._dynamo) on its first call
-optimizer = torch.optim.SGD(layer.parameters(), lr=0.1) if before else make_optimizer(layer)
+optimizer = make_optimizer(layer) if variant == "now" else torch.optim.SGD(layer.parameters(), lr=0.1)
 layer(torch.ones(1, 1)).sum().backward()
 optimizer.step()
 optimizer.zero_grad()
@@ -55,13 +55,13 @@ print(json.dumps({"marks": marks, "peak_rss_bytes": resource.getrusage(resource.
 """
 
 
-def _child(cfg: dict[str, Any], train: bool, cache_dir: Path | None, before: bool = False) -> dict[str, Any]:
+def _child(cfg: dict[str, Any], train: bool, cache_dir: Path | None, variant: str = "now") -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
     if cache_dir is not None:
         env["FEDMERGENET_CACHE_DIR"] = str(cache_dir)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), "train" if train else "start",
-                             "before" if before else "now"],
+                             variant],
                             capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, check=True)
     total = time.perf_counter() - start
     data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -74,20 +74,25 @@ def _child(cfg: dict[str, Any], train: bool, cache_dir: Path | None, before: boo
 
 def client_startup(settings: Settings) -> dict[str, Any]:
     """Median seconds per step as a message pays them now (split cached, no torchvision, our
-    SGD), the same before those cuts (empty cache, torchvision imported, torch's own SGD), and
-    one client's peak memory."""
+    SGD), the same before those cuts (empty cache, torchvision imported, torch's own SGD), the
+    first optimiser and step now but with torch's own SGD, and one client's peak memory."""
     cfg = {"dataset": "fashion-mnist", "train_limit": 96 if settings.tiny else 1200, "num_clients": 3,
            "batch_size": 32, "lr": 0.03, "local_epochs": 1, "client_threads": settings.threads}
     with tempfile.TemporaryDirectory(dir=settings.work_dir) as empty:
         # Before the cuts: no split cache, no decoded data, torchvision imported, torch's own
         # SGD. The first run also warms the page cache.
-        cold = [_child(cfg, train=False, cache_dir=_without_decoded_data(Path(empty) / str(i)), before=True)
+        cold = [_child(cfg, train=False, cache_dir=_without_decoded_data(Path(empty) / str(i)), variant="before")
                 for i in range(settings.repeats)]
     if not settings.tiny:
         _child(cfg, train=False, cache_dir=None)  # the project's split cache is surely warm now
     trained = _child(cfg, train=True, cache_dir=None)
-    # Every start-up before the epoch is a sample too; tiny settings take only that one.
-    warm = [trained] + [_child(cfg, train=False, cache_dir=None) for _ in range(settings.repeats - 1)]
+    # Every start-up before the epoch is a sample too; tiny settings take only that one. Torch's
+    # own SGD alternates with ours, so a drift in the machine's speed reaches both.
+    warm, torch_sgd = [trained], []
+    for sample in range(settings.repeats):
+        torch_sgd.append(_child(cfg, train=False, cache_dir=None, variant="torch-sgd"))
+        if sample < settings.repeats - 1:
+            warm.append(_child(cfg, train=False, cache_dir=None))
     steps = [name for name in trained["steps"] if name != "one local epoch"]
     return {
         "full_data": full_data_split(settings),
@@ -95,7 +100,7 @@ def client_startup(settings: Settings) -> dict[str, Any]:
         "total_s": median([sum(run["steps"][name] for name in steps) for run in warm]),
         "uncached_split_s": median([run["steps"]["data split and loaders"] for run in cold]),
         "torchvision_s": median([run["steps"]["torchvision"] for run in cold]),
-        "torch_optimiser_s": median([run["steps"]["the first optimiser and step"] for run in cold]),
+        "torch_optimiser_s": median([run["steps"]["the first optimiser and step"] for run in torch_sgd]),
         "before_total_s": median([run["total_s"] for run in cold]),
         "epoch_s": trained["steps"]["one local epoch"],
         "client_peak_rss_bytes": trained["peak_rss_bytes"],
