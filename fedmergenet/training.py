@@ -48,24 +48,33 @@ class Proximal:
         return self.mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), self.anchor))
 
 
-class SGD(torch.optim.SGD):
-    """torch's SGD, running torch's own code, without the wrappers that import torch's compiler.
+class _WithoutCompilerWrappers(torch.optim.Optimizer):
+    """An optimiser running torch's own code without the wrappers that import torch's compiler.
 
     torch wraps an optimiser's methods so that ``torch.compile`` leaves them alone, and each
     wrapper imports ``torch._dynamo`` on its first call: about a second in every fresh process
     that trains, which a deployment ClientApp is for every message. Nothing here compiles an
-    optimiser (``--compile`` compiles the model), so that import is all the wrappers would add."""
+    optimiser (``--compile`` compiles the model), so that import is all the wrappers would add.
+    Mixed in before a torch optimiser: ``class SGD(_WithoutCompilerWrappers, torch.optim.SGD)``."""
 
     add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
     zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
     state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
     load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
-    _torch_step = staticmethod(inspect.unwrap(torch.optim.SGD.step))
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        torch_step = inspect.unwrap(super().step)
         # The rest of the step's wrapper: gradients off unless the optimiser is differentiable.
         with torch.set_grad_enabled(self.defaults["differentiable"]):
-            return self._torch_step(self, closure)
+            return torch_step(self, closure)
+
+
+class SGD(_WithoutCompilerWrappers, torch.optim.SGD):
+    """``torch.optim.SGD``, step for step, without importing torch's compiler."""
+
+
+class AdamW(_WithoutCompilerWrappers, torch.optim.AdamW):
+    """``torch.optim.AdamW``, step for step, without importing torch's compiler."""
 
 
 def make_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmergenet.models import STUDENT_LAYER, build_student
 from fedmergenet.training import (
+    SGD,
+    AdamW,
     bn_statistics,
     evaluate,
     make_optimizer,
@@ -63,16 +65,19 @@ def test_positioning_the_scheduler_leaves_the_weights_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_optimiser_steps_exactly_as_torchs_sgd():
-    """Same weights, momentum buffers and saved state as ``torch.optim.SGD`` after steps with
-    momentum, weight decay, a schedule and a closure: it runs torch's own code."""
+@pytest.mark.parametrize("ours, torchs, settings", [
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}),  # the clients'
+    (AdamW, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01, "fused": True}),  # the adapter's
+])
+def test_our_optimisers_step_exactly_as_torchs(ours, torchs, settings):
+    """Same weights, optimiser state and saved state as torch's own after steps with a
+    schedule and a closure: they run torch's own code."""
     torch.manual_seed(0)
-    ours_model, torch_model = build_student(num_classes=10), build_student(num_classes=10)
-    torch_model.load_state_dict(ours_model.state_dict())
+    our_model, torch_model = build_student(num_classes=10), build_student(num_classes=10)
+    torch_model.load_state_dict(our_model.state_dict())
     images, labels = tiny_batch().tensors
-    ours = make_optimizer(ours_model, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    reference = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for model, optimizer in ((ours_model, ours), (torch_model, reference)):
+    optimisers = ours(our_model.parameters(), **settings), torchs(torch_model.parameters(), **settings)
+    for model, optimizer in zip((our_model, torch_model), optimisers):
         scheduler = make_scheduler(optimizer, [2], 0.2, start_epoch=1)
         for _ in range(3):
             optimizer.zero_grad(set_to_none=True)
@@ -84,20 +89,22 @@ def test_the_optimiser_steps_exactly_as_torchs_sgd():
 
             assert optimizer.step(closure).requires_grad  # the closure computes with gradients
             scheduler.step()
-    assert all(torch.equal(a, b) for a, b in zip(ours_model.state_dict().values(), torch_model.state_dict().values()))
-    assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
-    ours_state, torch_state = ours.state_dict(), reference.state_dict()
-    assert ours_state["param_groups"] == torch_state["param_groups"]
-    assert all(torch.equal(ours_state["state"][i]["momentum_buffer"], torch_state["state"][i]["momentum_buffer"])
-               for i in torch_state["state"])
-    restored = make_optimizer(build_student(num_classes=10))
-    restored.load_state_dict(ours_state)
-    assert restored.state_dict()["param_groups"] == ours_state["param_groups"]
+    assert all(torch.equal(a, b) for a, b in zip(our_model.state_dict().values(), torch_model.state_dict().values()))
+    our_state, torch_state = (optimizer.state_dict() for optimizer in optimisers)
+    assert our_state["param_groups"] == torch_state["param_groups"]
+    assert our_state["state"].keys() == torch_state["state"].keys()
+    for index, values in torch_state["state"].items():
+        assert values.keys() == our_state["state"][index].keys()
+        assert all(torch.equal(our_state["state"][index][key], value) for key, value in values.items())
+    restored = ours(build_student(num_classes=10).parameters(), **settings)
+    restored.load_state_dict(our_state)
+    assert restored.state_dict()["param_groups"] == our_state["param_groups"]
 
 
 def test_training_in_a_fresh_process_does_not_import_torchs_compiler():
     """A deployment ClientApp is a fresh process per message: making the optimiser, positioning
-    its schedule and training an epoch must not pull in ``torch._dynamo`` (about a second)."""
+    its schedule and training an epoch must not pull in ``torch._dynamo`` (about a second), nor
+    must the server's (or central MergeNet's) fusion and adapter update."""
     child = """
 import sys, torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -108,6 +115,10 @@ optimizer = make_optimizer(model)
 make_scheduler(optimizer, [2], 0.2, start_epoch=3)
 data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
 train_epoch(model, DataLoader(data, batch_size=4), optimizer, torch.device("cpu"), progress=False)
+from fedmergenet.fusion.unit import KnowledgeFusionUnit
+unit = KnowledgeFusionUnit(torch.randn(10, 64), (16, 32, 1, 1), device="cpu")
+layer = torch.randn(16, 32, 1, 1)
+assert unit.learn(unit.fuse(layer), layer) is not None
 print(sorted(name for name in sys.modules if name.startswith("torch._dynamo")))
 """
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=300)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import AdapterConfig
-from ..training import pick_device
+from ..training import AdamW, pick_device
 from .param_attention import ParamAttention, as_matrix
 
 
@@ -96,7 +96,7 @@ class KnowledgeFusionUnit:
         self.total_updates = max(1, int(total_updates))
         # fused: one kernel per parameter group, on the CPU too (torch's default there loops over
         # the tensors one op at a time, which dominates a small adapter's update).
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=self.config.lr, fused=True)
+        self.optimizer = AdamW(self._param_groups(), lr=self.config.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.updates = 0
         self._seeds = random.Random(seed)
