@@ -237,6 +237,10 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
         "slowest_client_total_s": known("slowest_client_total_s"),
         "train_exchange_s": known("train_exchange_s"),
+        # That exchange along its last reply (see wire.ExchangeParts): out to the client, the
+        # client's side (its function within), back to the server, the server's unpacking.
+        **{key: known(key) for key in ("train_dispatch_s", "train_last_client_s", "train_last_function_s",
+                                       "train_return_s", "train_unpack_s")},
         "state_wait_s": None if (wait := known("state_wait_ms")) is None else wait / 1000,
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }

@@ -412,9 +412,11 @@ def test_round_times_split_a_federated_runs_rounds_into_training_and_the_rest():
 
     def row(n: int, start: float | None, train: float | None, recalibrate: float = 0.0,
             total: float | None = None, exchange: float | None = None) -> dict:
+        parts = {"train_dispatch_s": 0.05, "train_last_client_s": total + 0.02, "train_last_function_s": total,
+                 "train_return_s": 0.08, "train_unpack_s": 0.01} if exchange is not None else {}
         return {"round": n, "round_start_s": start, "slowest_client_train_s": train,
                 "slowest_client_recalibrate_s": recalibrate, "slowest_client_total_s": total,
-                "train_exchange_s": exchange, "state_wait_ms": None if exchange is None else 40.0}
+                "train_exchange_s": exchange, "state_wait_ms": None if exchange is None else 40.0, **parts}
 
     rows = [row(0, None, None), row(1, 10.0, 3.3, 6.0, 9.8, 9.9), row(2, 19.5, 3.3, 6.0, 9.9, 10.1),
             row(3, 29.0, 3.3, 6.0), row(4, 2.0, 3.3, 6.0)]
@@ -427,8 +429,12 @@ def test_round_times_split_a_federated_runs_rounds_into_training_and_the_rest():
     assert times["slowest_client_total_s"] == pytest.approx(9.85)  # the client's whole train function
     assert times["train_exchange_s"] == pytest.approx(10.0)  # that function and Flower's messages
     assert times["state_wait_s"] == pytest.approx(0.04)  # the server waiting for the disk
-    older = round_times([{**r, "slowest_client_total_s": None, "train_exchange_s": None, "state_wait_ms": None}
-                         for r in rows])
+    # The exchange along its last reply: out, that client's side (its function within), back, unpacking.
+    assert [times[key] for key in ("train_dispatch_s", "train_last_client_s", "train_last_function_s",
+                                   "train_return_s", "train_unpack_s")] == pytest.approx([0.05, 9.87, 9.85, 0.08, 0.01])
+    older = round_times([{key: value for key, value in r.items() if not key.startswith(("train_", "slowest_client_total",
+                                                                                        "state_wait"))} for r in rows])
     assert older["slowest_client_total_s"] is None and older["train_exchange_s"] is None
+    assert older["train_dispatch_s"] is None and older["train_unpack_s"] is None
     assert older["state_wait_s"] is None
     assert round_times(rows[:2]) is None  # no round's span is known yet

@@ -103,6 +103,12 @@ def test_recalibration_carried_by_the_next_train_message_evaluates_every_round_a
     spans = [b - a for a, b in zip(starts, starts[1:])]
     assert all(r["train_exchange_s"] >= r["slowest_client_total_s"] for r in folded[1:])
     assert all(r["train_exchange_s"] < span for r, span in zip(folded[1:], spans))
+    # Along its last reply the exchange adds up: out to the client, the client's side (its
+    # function within), back to the server, the server unpacking.
+    for r in folded[1:]:
+        parts = [r[key] for key in ("train_dispatch_s", "train_last_client_s", "train_return_s", "train_unpack_s")]
+        assert all(part >= 0 for part in parts) and sum(parts) == pytest.approx(r["train_exchange_s"], abs=0.05)
+        assert 0 < r["train_last_function_s"] <= r["train_last_client_s"]
     # Each evaluation records how long it waited for the previous round's state to reach the disk.
     assert all(0 <= r["state_wait_ms"] < 1000 * r["wall_time_s"] for r in folded)
     # Round 1's clients start from the initial model, whose statistics need no recomputing.

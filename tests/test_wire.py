@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,76 @@ def test_replies_are_collected_soon_after_they_arrive_and_the_phase_ends_at_its_
     replies = wire.send(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN)
                                for n in (1, 30)]).replies(timeout=10.0)
     assert len(replies) == 1 and clock[0] == 10.0  # the late node's reply is left out, pulled last at the deadline
+
+
+def test_the_clientapp_side_says_when_it_received_the_message_and_sent_the_reply(base_state):
+    msg = packed(Message(RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})}),
+                         dst_node_id=101, message_type=MessageType.TRAIN))
+    context = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
+    called: list[float] = []
+
+    def train(m: Message, c: Context) -> Message:
+        called.append(time.time())
+        return reply(trained(base_state, 1), 101)
+
+    before = time.time()
+    out = wire_mod(msg, context, train)
+    received, sent = wire.stamps(out)
+    assert before <= received <= called[0] <= sent <= time.time()
+    assert WIRE not in unpacked(out).content.config_records  # the strategy sees none of it
+
+
+class StampedGrid:
+    """A Grid whose node ``n`` replies at ``n`` seconds on a fake clock, with the client-side
+    times ``stamps[n]`` (received, sent: seconds after the push, or what a client sent instead)
+    and its function's seconds."""
+
+    def __init__(self, clock: list[float], stamps: dict[int, tuple[float, float, float]], wall0: float) -> None:
+        self.clock, self.stamps, self.wall0 = clock, stamps, wall0
+        self.sent: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{message.metadata.dst_node_id}"
+            self.sent[message.metadata.message_id] = message
+        return list(self.sent)
+
+    def pull_messages(self, message_ids):
+        for message_id in message_ids:
+            message = self.sent[message_id]
+            node = message.metadata.dst_node_id
+            if node <= self.clock[0]:
+                received, sent, function = self.stamps[node]
+                metrics = MetricRecord({"num-examples": 1, "client-seconds": function})
+                answer = packed(Message(RecordDict({"arrays": unpacked(message).content["arrays"], "metrics": metrics}),
+                                        reply_to=message))
+                for key, at in ((wire.RECEIVED_AT, received), (wire.SENT_AT, sent)):
+                    answer.content[WIRE][key] = self.wall0 + at if isinstance(at, float) else at
+                yield answer
+
+
+def test_a_phases_exchange_splits_along_the_reply_it_waited_for(base_state, monkeypatch):
+    """Out to the client, the client's side (its function within), back, and the server's
+    unpacking: along the reply pulled last, adding up to the whole exchange."""
+    clock, wall0 = [0.0], 1_000.0
+    monkeypatch.setattr(wire.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(wire.time, "time", lambda: wall0 + clock[0])
+    monkeypatch.setattr(wire.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    content = RecordDict({"arrays": ArrayRecord(base_state), "config": ConfigRecord({"server-round": 1})})
+    grid = StampedGrid(clock, {1: (0.1, 0.9, 0.7), 3: (0.2, 2.9, 2.5)}, wall0)
+
+    sent = wire.send(grid, [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 3)])
+    assert len(sent.replies(timeout=60.0)) == 2
+    parts = sent.parts
+    assert (parts.dispatch_s, parts.client_s, parts.function_s) == pytest.approx((0.2, 2.7, 2.5))  # node 3's
+    assert 0.1 <= parts.return_s <= 0.1 + wire.POLL_MAX_S  # sent at 2.9, pulled at the first pull from 3.0
+    assert parts.unpack_s == 0.0  # the fake clock stands still while the server unpacks
+    assert parts.dispatch_s + parts.client_s + parts.return_s + parts.unpack_s == pytest.approx(clock[0])
+
+    clock[0] = 0.0  # a client that stamps nonsense: no split, and its reply counts as ever
+    sent = wire.send(StampedGrid(clock, {1: (0.1, "soon", 0.7)}, wall0),
+                     [Message(content, dst_node_id=1, message_type=MessageType.TRAIN)])
+    assert list(sent.replies(timeout=60.0)[0].content["arrays"]) == list(base_state) and sent.parts is None
 
 
 def test_arrays_are_written_as_np_save_writes_them_and_read_without_parsing(base_state):

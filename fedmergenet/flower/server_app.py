@@ -161,12 +161,12 @@ class FederatedRun:
         log(INFO, "Round %s evaluate (server): %s", server_round,
             {"test-top1": result.top1, "test-top5": result.top5, "test-loss": result.loss})
 
-    def exchange(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
-        """Send ``messages`` and return the replies; while the clients work, the server
-        evaluates the round it holds."""
+    def exchange(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], wire.ExchangeParts | None]:
+        """Send ``messages`` and return the replies, and where the exchange's time went; while
+        the clients work, the server evaluates the round it holds."""
         sent = wire.send(grid, messages)
         self.evaluate_held()
-        return sent.replies(self.cfg.round_timeout)
+        return sent.replies(self.cfg.round_timeout), sent.parts
 
     def row(self, server_round: int, result, log_: RoundLog) -> dict:
         status = "initial" if server_round == 0 else "ok"
@@ -184,6 +184,7 @@ class FederatedRun:
             slowest_client_recalibrate_s=log_.slowest_recalibrate_s,
             slowest_client_total_s=log_.slowest_total_s,
             train_exchange_s=log_.exchange_s,
+            **exchange_fields(log_.exchange_parts),
             train_loss=train_loss,
             fed_eval_top1=log_.evaluate_metrics.get("eval-top1"),
             fed_eval_loss=log_.evaluate_metrics.get("eval-loss"),
@@ -302,8 +303,9 @@ class FederatedRun:
                         self.recalibrated(unevaluated, [], arrays)
                     raise
                 sent = time.perf_counter()
-                replies = self.exchange(grid, messages)
+                replies, parts = self.exchange(grid, messages)
                 strategy.round_log(server_round).exchange_s = time.perf_counter() - sent
+                strategy.round_log(server_round).exchange_parts = parts
                 if unevaluated is not None:  # before this round's adapter update, which its state must not hold
                     self.recalibrated(unevaluated, replies, arrays)
                 aggregated, metrics = strategy.aggregate_train(server_round, replies)
@@ -334,11 +336,22 @@ class FederatedRun:
         """Clients recompute the BatchNorm statistics (and evaluate, unless only the server
         does); the strategy pools them into ``arrays``, held for the server's evaluation."""
         config = ConfigRecord({"local-eval": not self.cfg.skip_federated_eval})
-        replies = self.exchange(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        replies, _ = self.exchange(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
             log(INFO, "Round %s evaluate (clients): %s", server_round, metrics)
         self.hold(server_round, arrays)
+
+
+def exchange_fields(parts: wire.ExchangeParts | None) -> dict[str, float | None]:
+    """The train phase's exchange along its last reply (``wire.ExchangeParts``), for the row."""
+    return {
+        "train_dispatch_s": parts.dispatch_s if parts else None,
+        "train_last_client_s": parts.client_s if parts else None,
+        "train_last_function_s": parts.function_s if parts else None,
+        "train_return_s": parts.return_s if parts else None,
+        "train_unpack_s": parts.unpack_s if parts else None,
+    }
 
 
 @app.main()

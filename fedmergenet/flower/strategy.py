@@ -48,7 +48,7 @@ from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
 from .arrays import tensors_of, values
 from .task import STATISTICS, as_float, record_bytes, scalars_from
-from .wire import wire_error
+from .wire import ExchangeParts, wire_error
 
 
 class NodeWaitTimeout(RuntimeError):
@@ -90,6 +90,7 @@ class RoundLog:
     # round before (it runs meanwhile) where that outlasts the clients; the rest of the span is
     # the server's.
     exchange_s: float | None = None
+    exchange_parts: ExchangeParts | None = None  # that exchange along its last reply
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
 
 

@@ -14,6 +14,7 @@ does (``send`` below).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from .arrays import as_array, values
 
 WIRE = "wire"  # the ConfigRecord with the layout of each packed ArrayRecord
 ERROR = "error"  # why a reply could not be unpacked; its screening rejects it
+# A reply's WIRE record also carries when the client's side received the message and sent the
+# reply (its wall clock, time.time()), for the server's split of a phase's exchange.
+RECEIVED_AT, SENT_AT = "received-at", "sent-at"
 POLL_FIRST_S, POLL_MAX_S = 0.05, 0.1  # how often the ServerApp asks the SuperLink for replies
 
 
@@ -115,16 +119,38 @@ def send(grid: Grid, messages: Iterable[Message]) -> Sent:
     """Flower's ``grid.send_and_receive`` in two halves, with the tensors packed on the way out
     and back: ``messages`` packed and pushed now, their replies from ``Sent.replies``, so that the
     server can work while the clients do."""
+    at, wall = time.monotonic(), time.time()
     done: dict[int, tuple[ArrayRecord, dict[str, list[str]]]] = {}  # the global model, packed once
     ids = grid.push_messages([packed(msg, done) for msg in messages])
-    return Sent(grid, set(ids), time.monotonic())
+    return Sent(grid, set(ids), at, wall)
+
+
+@dataclass(frozen=True)
+class ExchangeParts:
+    """Where a phase's exchange went, along the reply that came in last (the one the server
+    waited for): from the server packing its messages to that client's side receiving its
+    message (``dispatch_s``: the SuperLink's or the simulation engine's queue, the transfer and,
+    in deployment, the ClientApp process starting), that client's side from receiving to sending
+    (``client_s``: unpacking, the ClientApp's function ``function_s`` and packing), from sending
+    to the server's pull of the reply (``return_s``: the transfer, the interval between pulls,
+    or the server still evaluating the round before), and the server unpacking every reply
+    (``unpack_s``). The first three compare the client's clock with the server's: exact on one
+    machine (simulation), off by the two clocks' offset across machines (their sum is not)."""
+
+    dispatch_s: float
+    client_s: float
+    function_s: float | None
+    return_s: float
+    unpack_s: float
 
 
 @dataclass
 class Sent:
     grid: Grid
     waiting: set[str]
-    at: float  # time.monotonic() when they were pushed
+    at: float  # time.monotonic() when the messages were packed and pushed
+    wall: float  # the same moment as time.time(), to compare with the clients' clocks
+    parts: ExchangeParts | None = None  # once replies() has them all
 
     def replies(self, timeout: float) -> list[Message]:
         """The replies, unpacked, until all are in or ``timeout`` seconds after sending; asked
@@ -133,23 +159,59 @@ class Sent:
         clients answer: most of a round when clients train for a second or two.)"""
         deadline = self.at + timeout
         replies: list[Message] = []
+        pulled_at: list[float] = []  # time.time() of each reply's pull
         interval = POLL_FIRST_S
         while self.waiting:
             arrived = list(self.grid.pull_messages(list(self.waiting)))
             replies += arrived
+            pulled_at += [time.time()] * len(arrived)
             self.waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
             remaining = deadline - time.monotonic()
             if not self.waiting or remaining <= 0:
                 break
             time.sleep(min(interval, remaining))  # one more pull follows, at the deadline at the latest
             interval = min(2 * interval, POLL_MAX_S)
-        return [unpacked(reply) for reply in replies]
+        stamped = [(times, index) for index, reply in enumerate(replies) if (times := stamps(reply)) is not None]
+        replies = [unpacked(reply) for reply in replies]
+        if stamped:  # along the reply pulled last (of those pulled together, sent last): the one waited for
+            (received, sent), index = max(stamped, key=lambda entry: (pulled_at[entry[1]], entry[0][1]))
+            self.parts = ExchangeParts(dispatch_s=received - self.wall, client_s=sent - received,
+                                       function_s=function_seconds(replies[index]),
+                                       return_s=pulled_at[index] - sent, unpack_s=time.time() - pulled_at[index])
+        return replies
+
+
+def stamps(reply: Message) -> tuple[float, float] | None:
+    """When the reply's client side received its message and sent the reply, if it says so."""
+    if reply.has_error() or WIRE not in reply.content.config_records:
+        return None
+    wire = reply.content[WIRE]
+    times = wire.get(RECEIVED_AT), wire.get(SENT_AT)
+    if not all(isinstance(t, float) and math.isfinite(t) for t in times):
+        return None  # another client implementation, or nonsense: no split, nothing else lost
+    return times
+
+
+def function_seconds(reply: Message) -> float | None:
+    """The ClientApp's own seconds for the reply, as our train function reports them."""
+    if reply.has_error() or len(reply.content.metric_records) != 1:
+        return None
+    value = next(iter(reply.content.metric_records.values())).get("client-seconds")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """The ClientApp's side: unpack what the server sent, pack the reply."""
+    """The ClientApp's side: unpack what the server sent, pack the reply, and say when this
+    side received the one and sent the other."""
+    received = time.time()
     unpacked(msg)
     if (reason := wire_error(msg)) is not None:
         raise ValueError(f"the server's message {reason}")
     reply = call_next(msg, context)
-    return reply if reply.has_error() else packed(reply)
+    if reply.has_error():
+        return reply
+    reply = packed(reply)
+    wire = reply.content[WIRE] if WIRE in reply.content.config_records else ConfigRecord()
+    wire[RECEIVED_AT], wire[SENT_AT] = received, time.time()
+    reply.content[WIRE] = wire
+    return reply
