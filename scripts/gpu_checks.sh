@@ -94,7 +94,9 @@ if [ "${ALONE:-1}" != 0 ]; then
     timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 run_federated_mergenet.py --preset gpu --no-fusion --rounds 5 \
         --output-dir results/gpu-alone "${MPS_FLAG[@]}" "$@" > "$LOGS/alone.log" 2>&1
     step "one FedAvg run alone, 5 rounds: exit $? ($(python3 -c 'import json, sys
-print(json.load(open(sys.argv[1]))["round_times"])' results/gpu-alone/summary.json 2>&1 | cut -c1-400))"
+times = json.load(open(sys.argv[1]))["round_times"] or {}
+print({key: round(value, 3) if isinstance(value, float) else value for key, value in times.items()})' \
+        results/gpu-alone/summary.json 2>&1 | cut -c1-600))"
 fi
 if [ "${SUITE:-1}" != 0 ]; then
     SUITE_SECONDS=$(limit "$SUITE_SECONDS" $(( 20 + KILL_AFTER )))  # the rounds' summary and the archive follow
@@ -106,7 +108,8 @@ import sys
 from pathlib import Path
 from fedmergenet.results import read_metrics, round_times
 for run in sorted(Path(sys.argv[1]).glob("seed*/*/metrics.jsonl")):
-    print(run.parent.name, round_times(read_metrics(run.parent)))
+    times = round_times(read_metrics(run.parent)) or {}
+    print(run.parent.name, {key: round(value, 3) if isinstance(value, float) else value for key, value in times.items()})
 PY
 fi
 step "done"
