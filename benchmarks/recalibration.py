@@ -33,7 +33,8 @@ from fedmergenet.config import PROJECT_ROOT, RunConfig
 from fedmergenet.data.splits import client_data, test_loader
 from fedmergenet.flower.client_app import local_train
 from fedmergenet.models import initial_student
-from fedmergenet.training import bn_statistics, evaluate, forward_memory_format, laid_out, on_device, pool_bn_statistics
+from fedmergenet.training import (bn_statistics, each_batch_sets_statistics, evaluate, forward_memory_format, laid_out,
+                                  on_device, pool_bn_statistics)
 
 CPU = torch.device("cpu")
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "recalibration.json"
@@ -74,21 +75,12 @@ def fedavg_model(cfg: RunConfig) -> nn.Module:
 def batch_statistics(model: nn.Module, loader) -> list[dict[str, torch.Tensor]]:
     """Every batch's own BatchNorm statistics (momentum 1: the running values are the batch's),
     from forward passes in the layout recalibrate_bn uses on a CPU."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in norms]
     memory_format = forward_memory_format(CPU)
-    model.train()
     per_batch = []
-    try:
-        for bn in norms:
-            bn.momentum = 1.0
-        with laid_out(model, memory_format):
-            for images, _ in tqdm(loader, desc="batches", leave=False):
-                model(on_device(images, CPU, memory_format))
-                per_batch.append(bn_statistics(model))
-    finally:
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
+    with each_batch_sets_statistics(model), laid_out(model, memory_format):
+        for images, _ in tqdm(loader, desc="batches", leave=False):
+            model(on_device(images, CPU, memory_format))
+            per_batch.append(bn_statistics(model))
     return per_batch
 
 

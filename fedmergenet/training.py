@@ -336,20 +336,15 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
     CUDA graph of the forward pass and the sums, as training replays its step. The pass runs in
     ``forward_memory_format`` for the device and whether it is recorded, unless ``memory_format``
     says otherwise."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [bn.momentum for bn in norms]
-    was_training = model.training
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = 1.0
-    statistics = [t for bn in norms for t in (bn.running_mean, bn.running_var)]
-    sums = [torch.zeros_like(t) for t in statistics]
     capture = device.type == "cuda" if capture is None else capture
     memory_format = memory_format or forward_memory_format(device, recorded=capture)
-    model.train()
-    try:
+    with each_batch_sets_statistics(model) as norms:
+        if not norms:
+            return
+        for bn in norms:
+            bn.reset_running_stats()
+        statistics = [t for bn in norms for t in (bn.running_mean, bn.running_var)]
+        sums = [torch.zeros_like(t) for t in statistics]
         batches = itertools.islice(loader, max_batches) if max_batches > 0 else loader
         with laid_out(model, memory_format):
             count = _summed_statistics(model, batches, device, statistics, sums, capture, memory_format)
@@ -357,6 +352,21 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, device: torch.device, max
             torch._foreach_div_(sums, float(count))
             for tensor, total in zip(statistics, sums):
                 tensor.copy_(total)
+
+
+@contextlib.contextmanager
+def each_batch_sets_statistics(model: nn.Module) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
+    """The model in training mode with every BatchNorm that tracks running statistics at
+    momentum 1, so that after a forward pass they hold that batch's own; yields those
+    BatchNorms, and restores their momenta and the model's mode after."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in norms]
+    was_training = model.training
+    try:
+        for bn in norms:
+            bn.momentum = 1.0
+        model.train()
+        yield norms
     finally:
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
