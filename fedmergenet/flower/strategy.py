@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import (
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
-from .arrays import tensors_of, values
+from .arrays import as_array, tensors_of, values
 from .task import STATISTICS, as_float, record_bytes, scalars_from
 from .wire import ExchangeParts, wire_error
 
@@ -325,7 +325,7 @@ class MergeNetFusion(Strategy):
     def learn_and_fuse(self, server_round: int, arrays: ArrayRecord, log_: RoundLog) -> None:
         unit = self.fusion_unit
         assert unit is not None
-        average = torch.from_numpy(arrays[self.target].numpy().copy())
+        average = torch.from_numpy(values(arrays[self.target]).copy())
         if self.pending_fused is not None:
             log_.adapter_loss = unit.learn(self.pending_fused, average)
             self.pending_fused = None
@@ -341,7 +341,7 @@ class MergeNetFusion(Strategy):
                 log(WARNING, "Round %s: fusion skipped, the adapter's output is not finite; the average is kept",
                     server_round)
             else:
-                arrays[self.target] = Array(fused.numpy())
+                arrays[self.target] = as_array(fused.numpy())
                 self.pending_fused = fused
                 log_.fusion_applied = 1
                 log_.fusion_shift = unit.last_shift
@@ -378,7 +378,7 @@ class MergeNetFusion(Strategy):
         weights = [float(next(iter(msg.content.metric_records.values()))["train-examples"]) for msg in sound]
         if stats:
             for name, tensor in pool_bn_statistics(stats, weights).items():
-                arrays[name] = Array(tensor.numpy())
+                arrays[name] = as_array(tensor.numpy())
         self.round_log(server_round).bn_recalibrated = len(stats)
         return len(stats)
 
@@ -423,7 +423,7 @@ def in_content_order(replies: list[Message], key: str | None = None) -> list[Mes
     order, and a seeded run must give the same numbers every time it runs."""
     def content(msg: Message) -> tuple[float, int]:
         record = msg.content[key] if key in msg.content.array_records else next(iter(msg.content.array_records.values()))
-        first = next(iter(record.values())).numpy()
+        first = values(next(iter(record.values())))
         return float(first.sum(dtype=np.float64)), msg.metadata.src_node_id
     return sorted(replies, key=content)
 

@@ -22,7 +22,7 @@ from flwr.supercore.utils import get_flwr_home
 
 from ..config import PROJECT_ROOT, RunConfig
 from ..training import moved
-from .arrays import tensors_of
+from .arrays import as_array, tensors_of, values
 
 # The ArrayRecord of a reply that carries the BatchNorm statistics a client recomputed for the
 # global model it was sent (an evaluate reply, or a train reply when the server asks).
@@ -77,7 +77,7 @@ def as_float(arrays: ArrayRecord) -> ArrayRecord:
     integer = {name for name, array in arrays.items() if np.dtype(array.dtype).kind in "iub"}  # metadata only
     if not integer:
         return arrays
-    return ArrayRecord({name: Array(array.numpy().astype(np.float64)) if name in integer else array
+    return ArrayRecord({name: as_array(values(array).astype(np.float64)) if name in integer else array
                         for name, array in arrays.items()})
 
 
@@ -96,8 +96,8 @@ def with_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord
     def cast(array: Array, dtype: np.dtype) -> Array:
         if np.dtype(array.dtype) == dtype:
             return array
-        values = array.numpy()
-        return Array(np.asarray(np.rint(values) if dtype.kind in "iu" else values).astype(dtype))
+        current = values(array)
+        return as_array(np.asarray(np.rint(current) if dtype.kind in "iu" else current).astype(dtype))
 
     return ArrayRecord({name: cast(array, dtypes[name]) for name, array in arrays.items()})
 
