@@ -208,6 +208,13 @@ def summarize(rows: list[dict[str, Any]], *, arm: str, status: str, wall_time_s:
     }
 
 
+# A round's train exchange along its last reply (flower.wire.ExchangeParts): out to the client,
+# the client's side (its function within), back to the server, the server's unpacking; each
+# field of ExchangeParts and the row's name for it.
+EXCHANGE_FIELDS = {"dispatch_s": "train_dispatch_s", "client_s": "train_last_client_s",
+                   "function_s": "train_last_function_s", "return_s": "train_return_s", "unpack_s": "train_unpack_s"}
+
+
 def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Where a federated run's rounds spent their time, as medians over the rounds whose span is
     known (a round spans from its train messages going out to the next round's): the span, the
@@ -237,10 +244,7 @@ def round_times(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "slowest_recalibrate_s": statistics.median(r.get("slowest_client_recalibrate_s") or 0.0 for r, _ in timed),
         "slowest_client_total_s": known("slowest_client_total_s"),
         "train_exchange_s": known("train_exchange_s"),
-        # That exchange along its last reply (see wire.ExchangeParts): out to the client, the
-        # client's side (its function within), back to the server, the server's unpacking.
-        **{key: known(key) for key in ("train_dispatch_s", "train_last_client_s", "train_last_function_s",
-                                       "train_return_s", "train_unpack_s")},
+        **{key: known(key) for key in EXCHANGE_FIELDS.values()},
         "state_wait_s": None if (wait := known("state_wait_ms")) is None else wait / 1000,
         "span_over_training": statistics.median(span / r["slowest_client_train_s"] for r, span in timed),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmergenet.config import RunConfig
+from fedmergenet.results import EXCHANGE_FIELDS
 from fedmergenet.flower.aggregation import build_strategy
 from fedmergenet.flower.client_app import client_dp
 from fedmergenet.flower.server_app import sampling
@@ -224,6 +226,7 @@ def test_a_phases_exchange_splits_along_the_reply_it_waited_for(base_state, monk
     assert 0.1 <= parts.return_s <= 0.1 + wire.POLL_MAX_S  # sent at 2.9, pulled at the first pull from 3.0
     assert parts.unpack_s == 0.0  # the fake clock stands still while the server unpacks
     assert parts.dispatch_s + parts.client_s + parts.return_s + parts.unpack_s == pytest.approx(clock[0])
+    assert set(EXCHANGE_FIELDS) == {field.name for field in dataclasses.fields(parts)}  # each has its row column
 
     clock[0] = 0.0  # a client that stamps nonsense: no split, and its reply counts as ever
     sent = wire.send(StampedGrid(clock, {1: (0.1, "soon", 0.7)}, wall0),

@@ -22,7 +22,7 @@ from ..data.splits import test_loader, train_set
 from ..errors import UserError
 from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER, TEACHER_LAYER, initial_student, new_student, state_checksum
-from ..results import (append_metrics, metrics_row, read_metrics, rewrite_metrics, round_times, summarize,
+from ..results import (EXCHANGE_FIELDS, append_metrics, metrics_row, read_metrics, rewrite_metrics, round_times, summarize,
                        write_summary)
 from ..teacher import load_teacher, teacher_for_run
 from ..training import evaluate, moved, pick_device, seed_everything
@@ -345,13 +345,7 @@ class FederatedRun:
 
 def exchange_fields(parts: wire.ExchangeParts | None) -> dict[str, float | None]:
     """The train phase's exchange along its last reply (``wire.ExchangeParts``), for the row."""
-    return {
-        "train_dispatch_s": parts.dispatch_s if parts else None,
-        "train_last_client_s": parts.client_s if parts else None,
-        "train_last_function_s": parts.function_s if parts else None,
-        "train_return_s": parts.return_s if parts else None,
-        "train_unpack_s": parts.unpack_s if parts else None,
-    }
+    return {row: getattr(parts, field) if parts else None for field, row in EXCHANGE_FIELDS.items()}
 
 
 @app.main()
