@@ -14,9 +14,13 @@ same number of steps per model
 - the same under CUDA MPS, which runs several processes' kernels at once: a control daemon of
   the benchmark's own (its pipe folder private, so no other process joins it), stopped after;
   left out where the machine has no ``nvidia-cuda-mps-control`` or it does not start,
-- as ``models`` students in one process, one CUDA stream each,
+- as ``models`` students in one process, all on one stream (taking turns, as without MPS),
+- the same with one CUDA stream each,
 
-as aggregate images per second and as ratios to the reference.
+as aggregate images per second and as ratios to the reference. The measurements in one
+process run in a process of their own with a time limit: a replay stuck in the driver (seen on
+an H200 with three streams) is then reported as such, after the others are measured, and its
+log says which model's first replay did not return.
 """
 
 from __future__ import annotations
@@ -72,20 +76,57 @@ def replay(steps: list[_CapturedStep], streams: list[torch.cuda.Stream], count: 
     return time.perf_counter() - start
 
 
-def ready(models: int, count: int, batch_size: int) -> tuple[list[_CapturedStep], list[torch.cuda.Stream]]:
-    """``models`` recorded steps with a stream each (one: the current stream), replayed untimed
-    a tenth of ``count`` times: the first replays allocate."""
+def ready(models: int, count: int, batch_size: int, own_streams: bool = True,
+          ) -> tuple[list[_CapturedStep], list[torch.cuda.Stream]]:
+    """``models`` recorded steps with a stream each (the current stream for one model or
+    without ``own_streams``), replayed untimed a tenth of ``count`` times: the first replays
+    allocate. Each model's first replay is waited for and logged, so that a replay that never
+    returns is found in the log."""
     steps = recorded_steps(models, batch_size)
-    streams = [torch.cuda.current_stream()] if models == 1 else [torch.cuda.Stream() for _ in steps]
+    if models == 1 or not own_streams:
+        streams = [torch.cuda.current_stream()] * models
+    else:
+        streams = [torch.cuda.Stream() for _ in steps]
+    for index, (step, stream) in enumerate(zip(steps, streams)):
+        replay([step], [stream], 1)
+        print(f"  model {index}: first replay done", file=sys.stderr, flush=True)
     replay(steps, streams, max(3, count // 10))
     return steps, streams
 
 
-def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE) -> float:
-    """Aggregate images/s of ``models`` students in this process, each on its own stream (one
-    student: the current stream, the reference)."""
-    steps, streams = ready(models, count, batch_size)
+def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE, own_streams: bool = True) -> float:
+    """Aggregate images/s of ``models`` students in this process, each on its own stream unless
+    not ``own_streams`` (one student: the current stream, the reference)."""
+    steps, streams = ready(models, count, batch_size, own_streams)
     return models * count * batch_size / replay(steps, streams, count)
+
+
+def _one_process_child(models: int, count: int, batch_size: int, own_streams: bool, results: Any) -> None:
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    results.put(in_one_process(models, count, batch_size, own_streams))
+
+
+def in_a_child(models: int, count: int, batch_size: int = BATCH_SIZE, own_streams: bool = True,
+               timeout: float = 120.0) -> float:
+    """``in_one_process`` in a process of its own, which is killed after ``timeout`` seconds
+    (a RuntimeError then): a replay stuck in the driver cannot be interrupted from Python."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_one_process_child, args=(models, count, batch_size, own_streams, results))
+    child.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return results.get(timeout=1.0)
+            except queue.Empty:
+                if child.exitcode not in (None, 0) or time.monotonic() > deadline:
+                    raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code {child.exitcode})") from None
+    finally:
+        child.join(timeout=KILLED_JOIN_S)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=KILLED_JOIN_S)
 
 
 def _process(index: int, count: int, batch_size: int, barrier: Any, results: Any) -> None:
@@ -146,6 +187,8 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
 # (a start-up and 200 steps need far less), so that a hang still leaves the figures measured
 # before them inside gpu_checks.sh's time limit for this step.
 MPS_TIMEOUT_S = 90.0
+# Several students in one process: a start-up, three recordings and 220 replays each need far less.
+ONE_PROCESS_TIMEOUT_S = 75.0
 
 
 def _reported(name: str, measurement: Callable[[], float]) -> float:
@@ -162,8 +205,7 @@ def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> 
     """The figures; ``mps`` says what became of the MPS measurement (``measured``, or why not)."""
     alone = _reported("one_process", lambda: in_one_process(1, count, batch_size))
     ips = {"one_process": alone,
-           "processes": _reported("processes", lambda: in_processes(models, count, batch_size)),
-           "streams": _reported("streams", lambda: in_one_process(models, count, batch_size))}
+           "processes": _reported("processes", lambda: in_processes(models, count, batch_size))}
     mps = f"no {MPS_CONTROL} on the PATH" if shutil.which(MPS_CONTROL) is None else "its daemon did not start"
     with private_mps() as env:
         if env is not None:
@@ -174,9 +216,16 @@ def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> 
             except RuntimeError as exc:  # the daemon started, its clients could not use it
                 mps = f"its processes failed: {exc}"
                 print(f"processes_mps: {mps}", file=sys.stderr, flush=True)
+    failed = {}
+    for name, own_streams in (("one_stream", False), ("streams", True)):
+        try:
+            ips[name] = _reported(name, lambda: in_a_child(models, count, batch_size, own_streams, ONE_PROCESS_TIMEOUT_S))
+        except RuntimeError as exc:
+            failed[name] = str(exc)
+            print(f"{name}: {exc}", file=sys.stderr, flush=True)
     return {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
             "vs_one_process": {name: value / alone for name, value in ips.items() if name != "one_process"},
-            "mps": mps}
+            "mps": mps, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:

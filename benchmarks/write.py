@@ -422,12 +422,20 @@ def sharing_lines(c: dict[str, Any]) -> list[str]:
             [f"{n} processes side by side, one student each", ips["processes"], s["vs_one_process"]["processes"]]]
     if "processes_mps" in ips:
         rows.append(["the same under CUDA MPS", ips["processes_mps"], s["vs_one_process"]["processes_mps"]])
-    rows.append([f"{n} students in one process, one CUDA stream each", ips["streams"], s["vs_one_process"]["streams"]])
+    failed = s.get("failed", {})
+    for key, name in (("one_stream", f"{n} students in one process, all on one stream"),
+                      ("streams", f"{n} students in one process, one CUDA stream each")):
+        if key in ips:
+            rows.append([name, ips[key], s["vs_one_process"][key]])
+        elif key in failed:
+            rows.append([name, None, failed[key]])
     return ["### 4e Several trainings on one card", "",
             f"The student's recorded training step at batch {s['batch_size']}, {s['steps']} timed steps per "
             "student, random data already on the card (`benchmarks/sharing.py`). Images per second of all "
             "students together:", "",
-            *_table(["", "images/s", "vs one process"], [[name, f"{v:,.0f}", f"{r:.2f}"] for name, v, r in rows]), "",
+            *_table(["", "images/s", "vs one process"],
+                    [[name, f"{v:,.0f}", f"{r:.2f}"] if v is not None else [name, "no figure", r]
+                     for name, v, r in rows]), "",
             *([] if "processes_mps" in ips else [f"CUDA MPS: not measured ({_mps_reason(s)}).", ""])]
 
 

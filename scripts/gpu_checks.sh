@@ -6,7 +6,8 @@
 # SUITE_SECONDS or when BUDGET runs out. OUT_DIR gets steps.txt (what each step gave), the
 # benchmarks' JSON, rounds.txt (the suite's round times) and logs.tgz: the logs, metrics and
 # summaries (no model files), packed again after every step, since a lent machine sends back
-# at most 8 files. TESTS=0, SHARING=0, RECALIBRATION=0, ALONE=0 or SUITE=0 leaves out that step.
+# at most 8 files. TESTS=0, SHARING=0, RECALIBRATION=0, ALONE=0 or SUITE=0 leaves out that step;
+# TESTS_K picks the GPU tests (pytest -k, default "cuda or gpu").
 # BUDGET (seconds, default 520): the whole script ends within it, each step's time limit cut
 # to what is left, so that one call of a lent machine's 10 minutes, unpacking included, brings
 # every step's result back.
@@ -19,7 +20,7 @@
 # The whole comparison (3 seeds) alone: BUDGET=570 TESTS=0 SHARING=0 RECALIBRATION=0 ALONE=0 ... gpu_checks.sh out 560 --seeds 0 1 2
 set -u
 if [ "$#" -lt 1 ]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 OUT_DIR="$1"
@@ -55,16 +56,16 @@ python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'flwr', f
     | tee -a "$OUT_DIR/steps.txt"
 echo "$(nproc) CPU cores; nvidia-cuda-mps-control: $(command -v nvidia-cuda-mps-control || echo none)" | tee -a "$OUT_DIR/steps.txt"
 if [ "${TESTS:-1}" != 0 ]; then
-    timeout -k "$KILL_AFTER" "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "cuda or gpu" \
+    timeout -k "$KILL_AFTER" "$(limit 200 60)" python3 -m pytest -q -p no:cacheprovider tests/test_training.py tests/test_fusion.py -k "${TESTS_K:-cuda or gpu}" \
         > "$LOGS/gpu_tests.log" 2>&1
     step "GPU tests: exit $? ($(tail -1 "$LOGS/gpu_tests.log"))"
 fi
 if [ "${SHARING:-1}" != 0 ]; then
-    timeout -k "$KILL_AFTER" "$(limit 180 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$LOGS/sharing.log"
+    timeout -k "$KILL_AFTER" "$(limit 240 60)" python3 -m benchmarks.sharing > "$OUT_DIR/sharing.json" 2> "$LOGS/sharing.log"
     step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then python3 - "$OUT_DIR/sharing.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print(", ".join(f"{k} {v:,.0f} img/s" for k, v in s["images_per_s"].items()), "| MPS:", s["mps"])
+print(", ".join(f"{k} {v:,.0f} img/s" for k, v in s["images_per_s"].items()), "| MPS:", s["mps"], "| failed:", s.get("failed"))
 PY
         else tail -c 300 "$LOGS/sharing.log" | tr '\n' ' '; fi))"
 fi

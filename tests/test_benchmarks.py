@@ -127,6 +127,14 @@ def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> 
     figures["sharing"]["vs_one_process"]["processes_mps"] = 2.0
     text = "\n".join(cuda_section({"cuda": figures}))
     assert "| the same under CUDA MPS | 40,000 | 2.00 |" in text and "not measured" not in text
+    # A measurement in one process that hung is a row that says so; one that ran, a figure.
+    del figures["sharing"]["images_per_s"]["streams"], figures["sharing"]["vs_one_process"]["streams"]
+    figures["sharing"]["images_per_s"]["one_stream"] = 20_500.0
+    figures["sharing"]["vs_one_process"]["one_stream"] = 1.025
+    figures["sharing"]["failed"] = {"streams": "it failed or ran past 75 s (exit code None)"}
+    text = "\n".join(cuda_section({"cuda": figures}))
+    assert "| 3 students in one process, all on one stream | 20,500 | 1.02 |" in text
+    assert "| 3 students in one process, one CUDA stream each | no figure | it failed or ran past 75 s (exit code None) |" in text
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
@@ -210,15 +218,35 @@ def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkey
     before it in the log."""
     from benchmarks import sharing
 
+    def in_a_child(models, count, batch_size, own_streams, timeout):
+        if own_streams:
+            raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code None)")
+        return 1100.0
+
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
     monkeypatch.setattr(sharing, "in_processes", lambda processes, count, batch_size, **_: 900.0)
+    monkeypatch.setattr(sharing, "in_a_child", in_a_child)
     monkeypatch.setattr(sharing.shutil, "which", lambda name: None)  # no MPS here
     figures = sharing.measure(models=3, count=5)
     assert capsys.readouterr().err.splitlines() == [
         "one_process: measuring", "one_process: 1,000 images/s", "processes: measuring", "processes: 900 images/s",
-        "streams: measuring", "streams: 3,000 images/s"]
-    assert figures["vs_one_process"] == {"processes": 0.9, "streams": 3.0}
+        "one_stream: measuring", "one_stream: 1,100 images/s",
+        "streams: measuring", "streams: it failed or ran past 75 s (exit code None)"]
+    assert figures["vs_one_process"] == {"processes": 0.9, "one_stream": 1.1}
+    assert figures["failed"] == {"streams": "it failed or ran past 75 s (exit code None)"}
     assert figures["mps"] == "no nvidia-cuda-mps-control on the PATH"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_students_in_a_process_of_their_own_that_fails_are_reported_at_once() -> None:
+    """Without a GPU the child cannot record its students: the measurement says so with its
+    exit code long before its time limit."""
+    from benchmarks import sharing
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"it failed or ran past 120 s \(exit code 1\)"):
+        sharing.in_a_child(2, count=1, timeout=120)
+    assert time.monotonic() - start < 100
 
 
 def test_the_sharing_benchmark_says_why_mps_was_not_measured(monkeypatch, capsys) -> None:
@@ -234,6 +262,7 @@ def test_the_sharing_benchmark_says_why_mps_was_not_measured(monkeypatch, capsys
         return 900.0
 
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
+    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, own_streams, timeout: 1000.0)
     monkeypatch.setattr(sharing, "in_processes", processes)
     monkeypatch.setattr(sharing.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(None))
