@@ -47,19 +47,21 @@ from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the lo
 BATCH_SIZE = 128
 
 
-def recorded_steps(models: int, batch_size: int, seed: int = 0) -> list[_CapturedStep]:
-    """``models`` students on the card, each with its step recorded after the loop's warm-up."""
+def recorded_steps(models: int, batch_size: int, seed: int = 0,
+                   streams: list[torch.cuda.Stream] | None = None) -> list[_CapturedStep]:
+    """``models`` students on the card, each with its step recorded after the loop's warm-up,
+    on ``streams[i]`` when given (else on torch's one capture stream)."""
     torch.manual_seed(seed)
     device = torch.device("cuda")
     steps = []
-    for _ in range(models):
+    for index in range(models):
         model = build_student(num_classes=10).to(device, memory_format=torch.channels_last).train()
         step = _Step(model, make_optimizer(model, lr=0.01), proximal=None)
         images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 10, (batch_size,), device=device)
         for _ in range(CAPTURE_WARMUP_STEPS):
             _on_side_stream(step, images, labels)
-        steps.append(_CapturedStep(step, images, labels))
+        steps.append(_CapturedStep(step, images, labels, stream=streams[index] if streams else None))
     torch.cuda.synchronize()
     return steps
 
@@ -81,12 +83,16 @@ def ready(models: int, count: int, batch_size: int, own_streams: bool = True,
     """``models`` recorded steps with a stream each (the current stream for one model or
     without ``own_streams``), replayed untimed a tenth of ``count`` times: the first replays
     allocate. Each model's first replay is waited for and logged, so that a replay that never
-    returns is found in the log."""
-    steps = recorded_steps(models, batch_size)
+    returns is found in the log.
+
+    Steps on streams of their own are recorded on those streams, so that their replays at once
+    do not share cuBLAS's workspace (``_Recorded``)."""
     if models == 1 or not own_streams:
+        steps = recorded_steps(models, batch_size)
         streams = [torch.cuda.current_stream()] * models
     else:
-        streams = [torch.cuda.Stream() for _ in steps]
+        streams = [torch.cuda.Stream() for _ in range(models)]
+        steps = recorded_steps(models, batch_size, streams=streams)
     for index, (step, stream) in enumerate(zip(steps, streams)):
         replay([step], [stream], 1)
         print(f"  model {index}: first replay done", file=sys.stderr, flush=True)
