@@ -87,16 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="smallest settings: proves every figure runs, measures nothing")
     parser.add_argument("--cuda", action="store_true", help="only the GPU figures, into the existing raw data")
+    parser.add_argument("--add-sharing", type=Path, metavar="FILE",
+                        help="4e as `python -m benchmarks.sharing` wrote it on a GPU machine, into the existing raw data")
     args = parser.parse_args(argv)
     json_path = args.json or (args.out.parent / "benchmarks" / "benchmarks.json" if not args.tiny
                               else args.out.with_suffix(".json"))
+    if args.add_sharing:
+        return add_sharing(args.add_sharing, json_path, args.out)
     if args.cuda:
         return cuda_only(args, json_path)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
         settings = settings_from(args, Path(work))
         data = measure(settings)
-    if "cuda" not in data:
+    if "cuda" in data:
+        data.pop("cuda_sharing", None)
+    else:
         data |= earlier_cuda(json_path)
     data |= {
         "date": datetime.date.today().isoformat(),
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     return write(data, json_path, args.out)
 
 
+GPU_KEYS = ("cuda", "cuda_sharing")  # the GPU figures; 4e alone when it ran apart from the rest of section 4
+
+
 def earlier_cuda(json_path: Path) -> dict[str, Any]:
     """A run without a GPU keeps the GPU figures already in the raw data (they name their own
     card, date and command) until a run on a GPU measures them again."""
@@ -116,7 +125,29 @@ def earlier_cuda(json_path: Path) -> dict[str, Any]:
         earlier = json.loads(json_path.read_text())
     except (OSError, ValueError):
         return {}
-    return {"cuda": earlier["cuda"]} if isinstance(earlier, dict) and "cuda" in earlier else {}
+    return {key: earlier[key] for key in GPU_KEYS if key in earlier} if isinstance(earlier, dict) else {}
+
+
+SHARING_KEYS = {"models", "steps", "batch_size", "images_per_s", "vs_one_process", "mps", "date", "machine", "command"}
+
+
+def add_sharing(path: Path, json_path: Path, out: Path) -> int:
+    """4e measured on its own (``python -m benchmarks.sharing`` on a GPU machine), kept beside the
+    raw data's section 4, which may come from another card."""
+    try:
+        figures = json.loads(path.read_text())
+        data = json.loads(json_path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: --add-sharing needs {path} (benchmarks.sharing's output) and the raw data {json_path}: {err}",
+              file=sys.stderr)
+        return 2
+    missing = SHARING_KEYS - set(figures) if isinstance(figures, dict) else SHARING_KEYS
+    if missing or not isinstance(data, dict):
+        print(f"error: {path} is not benchmarks.sharing's output with its machine (missing: {', '.join(sorted(missing))})",
+              file=sys.stderr)
+        return 2
+    data["cuda_sharing"] = figures
+    return write(data, json_path, out)
 
 
 def cuda_only(args: argparse.Namespace, json_path: Path) -> int:
@@ -134,6 +165,7 @@ def cuda_only(args: argparse.Namespace, json_path: Path) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
         data["cuda"] = measure_cuda(settings_from(args, Path(work)))
+    data.pop("cuda_sharing", None)  # 4e is in this run's section 4
     data["cuda"] |= {"command": shlex.join(["python", "-m", "benchmarks", "--cuda", "--repeats", str(args.repeats)]),
                      "seconds": time.perf_counter() - start}
     return write(data, json_path, args.out)

@@ -1,5 +1,6 @@
 """4e: how several trainings share one GPU (``python -m benchmarks --cuda``, or alone:
-``python -m benchmarks.sharing [--models 3] [--steps 200]``).
+``python -m benchmarks.sharing [--models 3] [--steps 200] > sharing.json``, which names its
+machine, and ``python -m benchmarks --add-sharing sharing.json`` puts it into BENCHMARKS.md).
 
 The suite runs its arms side by side as processes (``--jobs``), and each federated client is a
 Ray actor, a process of its own. A card without MPS runs one process's kernels at a time, so
@@ -26,10 +27,12 @@ log says which model's first replay did not return.
 from __future__ import annotations
 
 import argparse
+import datetime
 import faulthandler
 import json
 import multiprocessing as mp
 import queue
+import shlex
 import shutil
 import signal
 import sys
@@ -250,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     # It first writes every thread's stack to stderr, at once: Python acts on the signal only
     # between bytecodes, so a run stuck in a CUDA call would otherwise end without saying where.
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    print(json.dumps(measure(args.models, args.steps), indent=1))
+    from .__main__ import machine
+
+    figures = measure(args.models, args.steps) | {
+        "date": datetime.date.today().isoformat(), "machine": machine(),
+        "command": shlex.join(["python", "-m", "benchmarks.sharing", *(argv if argv is not None else sys.argv[1:])])}
+    print(json.dumps(figures, indent=1))
     return 0
 
 

@@ -378,7 +378,7 @@ def cuda_section(data: dict[str, Any]) -> list[str]:
                                    ["our learn (backward, clipping, fused AdamW step, schedule)", f"{f['learn_ms']:.1f}"]]),
               "", f"Ratio: **{f['ratio']:.2f}x** the adapter's bare forward + backward"
               + (f" (medians of {f['samples']} interleaved samples)." if "samples" in f else "."), ""]
-    return lines + recalibration_lines(c) + sharing_lines(c)
+    return lines + recalibration_lines(c) + sharing_lines(c, data.get("cuda_sharing"))
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
@@ -412,11 +412,15 @@ def recalibration_lines(c: dict[str, Any]) -> list[str]:
                     [[name, n, f"{s:.3f}", f"{s / train_s:.2f}"] for name, n, s in rows]), ""]
 
 
-def sharing_lines(c: dict[str, Any]) -> list[str]:
-    """4e, when the raw data has it (older GPU runs did not measure it)."""
-    if "sharing" not in c:
+def sharing_lines(c: dict[str, Any], apart: dict[str, Any] | None = None) -> list[str]:
+    """4e, when the raw data has it (older GPU runs did not measure it): from section 4's run, or
+    ``apart``, measured on its own and naming its machine."""
+    if "sharing" not in c and apart is None:
         return []
-    s = c["sharing"]
+    s = c["sharing"] if "sharing" in c else apart
+    where = [] if "sharing" in c else [
+        f"Measured apart from the figures above, {s['date']} on {s['machine']['gpu']} ({s['machine']['cores']} CPU "
+        f"cores); torch {s['machine']['torch']}. Command: `{s['command']}`.", ""]
     ips, n = s["images_per_s"], s["models"]
     rows = [["one student in one process (reference)", ips["one_process"], 1.0],
             [f"{n} processes side by side, one student each", ips["processes"], s["vs_one_process"]["processes"]]]
@@ -429,14 +433,15 @@ def sharing_lines(c: dict[str, Any]) -> list[str]:
             rows.append([name, ips[key], s["vs_one_process"][key]])
         elif key in failed:
             rows.append([name, None, failed[key]])
-    return ["### 4e Several trainings on one card", "",
+    return ["### 4e Several trainings on one card", "", *where,
             f"The student's recorded training step at batch {s['batch_size']}, {s['steps']} timed steps per "
             "student, random data already on the card (`benchmarks/sharing.py`). Images per second of all "
             "students together:", "",
             *_table(["", "images/s", "vs one process"],
                     [[name, f"{v:,.0f}", f"{r:.2f}"] if v is not None else [name, "no figure", r]
                      for name, v, r in rows]), "",
-            *([] if "processes_mps" in ips else [f"CUDA MPS: not measured ({_mps_reason(s)}).", ""])]
+            *([] if "processes_mps" in ips else [f"CUDA MPS: not measured ({_mps_reason(s)}).", ""]),
+            *([s["note"], ""] if "note" in s else [])]  # what the raw data's provider says of the run
 
 
 def _mps_reason(sharing: dict[str, Any]) -> str:

@@ -303,8 +303,43 @@ def test_a_run_without_a_gpu_keeps_the_gpu_figures_already_measured(tmp_path: Pa
     assert earlier_cuda(raw) == {}
     raw.write_text(json.dumps({"throughput": {}, "cuda": cuda_figures(16_000.0, 1.2)}))
     assert earlier_cuda(raw)["cuda"]["machine"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    raw.write_text(json.dumps({"cuda": cuda_figures(16_000.0, 1.2), "cuda_sharing": {"models": 3}}))
+    assert set(earlier_cuda(raw)) == {"cuda", "cuda_sharing"}
     raw.write_text("{not json")
     assert earlier_cuda(raw) == {}
+
+
+def test_sharing_figures_from_another_gpu_machine_join_the_report_naming_their_card(tmp_path: Path) -> None:
+    """``python -m benchmarks.sharing`` ran on a lent H200, section 4 on an H100: ``--add-sharing``
+    puts 4e into the raw data and BENCHMARKS.md under its own card; a file that is not that
+    output is one line and exit 2, and changes nothing."""
+    from benchmarks.__main__ import main
+
+    raw, out, figures = tmp_path / "benchmarks.json", tmp_path / "BENCHMARKS.md", tmp_path / "sharing.json"
+    raw.write_text((ROOT / "benchmarks" / "benchmarks.json").read_text())  # a full run's raw data
+    figures.write_text(json.dumps({
+        "models": 3, "steps": 200, "batch_size": 128, "mps": "measured",
+        "images_per_s": {"one_process": 20_000.0, "processes": 19_000.0, "processes_mps": 25_000.0},
+        "vs_one_process": {"processes": 0.95, "processes_mps": 1.25},
+        "failed": {"streams": "it failed or ran past 75 s (exit code None)"},
+        "date": "2026-11-27", "command": "python -m benchmarks.sharing", "note": "Hung: see the README.",
+        "machine": {"gpu": "NVIDIA H200", "cores": 16, "torch": "2.11.0+cu130"}}))
+    assert main(["--add-sharing", str(figures), "--json", str(raw), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Measured apart from the figures above, 2026-11-27 on NVIDIA H200 (16 CPU cores)" in text
+    assert "| the same under CUDA MPS | 25,000 | 1.25 |" in text
+    assert "| 3 students in one process, one CUDA stream each | no figure | it failed or ran past 75 s" in text
+    assert "\nHung: see the README.\n" in text
+    assert json.loads(raw.read_text())["cuda_sharing"]["machine"]["gpu"] == "NVIDIA H200"
+
+    before = raw.read_text(), out.read_text()
+    figures.write_text(json.dumps({"models": 3}))
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--add-sharing", str(figures), "--json", str(raw),
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "is not benchmarks.sharing's output" in result.stderr
+    assert (raw.read_text(), out.read_text()) == before
 
 
 def test_the_recalibration_studys_statistics_over_n_batches_are_recalibrate_bns_over_them() -> None:
