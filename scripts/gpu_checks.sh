@@ -110,7 +110,7 @@ from pathlib import Path
 from fedmergenet.results import read_metrics, round_times
 for run in sorted(Path(sys.argv[1]).glob("seed*/*/metrics.jsonl")):
     times = round_times(read_metrics(run.parent)) or {}
-    print(run.parent.name, {key: round(value, 3) if isinstance(value, float) else value for key, value in times.items()})
+    print(f"{run.parent.parent.name}/{run.parent.name}", {key: round(value, 3) if isinstance(value, float) else value for key, value in times.items()})
 PY
 fi
 step "done"
