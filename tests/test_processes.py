@@ -50,6 +50,18 @@ def test_a_process_ignoring_sigterm_is_killed_once_the_timeout_is_up() -> None:
         assert time.monotonic() - started < 5
 
 
+def test_processes_ignoring_sigterm_share_one_timeout_rather_than_each_waiting_in_turn() -> None:
+    """A run's processes are stopped together: three that ignore SIGTERM (as CUDA clients of an
+    MPS daemon can take long to go) cost the timeout once, not three times."""
+    with processes.managed() as children:
+        stubborn = [start(IGNORES_SIGTERM, children)[0] for _ in range(3)]
+        started = time.monotonic()
+        processes.stop_processes(stubborn, timeout=2.0)
+        elapsed = time.monotonic() - started
+        assert [process.returncode for process in stubborn] == [-signal.SIGKILL] * 3
+        assert 2.0 <= elapsed < 5.0  # in turn: at least 6 s
+
+
 def test_a_process_that_has_exited_has_no_descendants_and_stops_at_once() -> None:
     with processes.managed() as children:
         process = children.start([sys.executable, "-c", "pass"], None, env={})

@@ -59,18 +59,27 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     in simulation, Ray) in a session of its own, which would run on, orphaned, training and
     writing results after the launcher said it stopped. So every descendant's group is
     signalled, found before any of them exits and is re-parented out of reach."""
-    if process.poll() is not None:
+    stop_processes([process], timeout)
+
+
+def stop_processes(processes: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
+    """``stop_process`` for several processes at once: all are signalled together and share one
+    ``timeout``, so that processes slow to end (CUDA clients of an MPS daemon, killed inside
+    the driver) cost it once rather than each in turn."""
+    running = [process for process in processes if process.poll() is None]
+    if not running:
         return
-    tree = [process.pid, *descendants(process.pid)]
-    groups = {group for group in map(process_group, tree) if group not in (None, os.getpgrp())}
+    below = [pid for process in running for pid in descendants(process.pid)]
+    groups = {group for group in map(process_group, [*(process.pid for process in running), *below])
+              if group not in (None, os.getpgrp())}
     _signal_groups(groups, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=timeout)
-    while any(map(alive, tree[1:])) and time.monotonic() < deadline:
+    while (any(process.poll() is None for process in running) or any(map(alive, below))) \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_groups(groups, signal.SIGKILL)
-    process.wait(timeout=timeout)
+    for process in running:
+        process.wait(timeout=timeout)
 
 
 def _signal_groups(groups: Iterable[int], signum: int) -> None:
@@ -156,8 +165,8 @@ class Processes:
         return process
 
     def stop_all(self) -> None:
-        for process in reversed(self.started):
-            stop_process(process)
+        stop_processes(list(reversed(self.started)))
+        for process in self.started:
             kill_group(process)
         for handle in self.logs:
             handle.close()
