@@ -78,6 +78,34 @@ def test_the_suite_estimate_scales_with_seeds_and_names_the_teacher_when_it_must
         "estimated time: teacher pretraining ~23 s, then ~3 min for 6 arms x 3 seed(s)")
 
 
+def test_the_estimate_times_a_fusion_as_the_runs_hundreds_of_them_cost_not_its_first(monkeypatch) -> None:
+    """A run fuses hundreds of times in one process: the estimate leaves the first call's set-up
+    out (stood in for by a unit whose first fusion is slow) and takes the median of the rest."""
+    from fedmergenet.experiments import estimate
+
+    calls: list[str] = []
+
+    class FirstIsSlow:
+        device = torch.device("cpu")
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def fuse(self, layer: torch.Tensor) -> torch.Tensor:
+            calls.append("fuse")
+            time.sleep(1.0 if len(calls) == 1 else 0.01)
+            return layer
+
+        def learn(self, fused: torch.Tensor, observed: torch.Tensor) -> float:
+            calls.append("learn")
+            return 0.0
+
+    monkeypatch.setattr(estimate, "KnowledgeFusionUnit", FirstIsSlow)
+    seconds = estimate.fusion_seconds(10, RunConfig(dataset="fashion-mnist", device="cpu"))
+    assert calls == ["fuse", "learn"] * (1 + estimate.FUSION_SAMPLES)
+    assert 0.01 <= seconds < 0.5
+
+
 def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path: Path) -> None:
     """The suite runs its arms as runner processes: each command line parses back to exactly
     the arm's options, so an arm run by the suite is the arm a user runs by hand."""
