@@ -14,7 +14,8 @@ same number of steps per model
 - in ``models`` processes at once (started together behind a barrier),
 - the same under CUDA MPS, which runs several processes' kernels at once: a control daemon of
   the benchmark's own (its pipe folder private, so no other process joins it), stopped after;
-  left out where the machine has no ``nvidia-cuda-mps-control`` or it does not start,
+  left out where the machine has no ``nvidia-cuda-mps-control`` or it does not start; then
+  twice as many processes under MPS,
 - as ``models`` students in one process, all on one stream (taking turns, as without MPS),
 - the same with one CUDA stream each,
 
@@ -216,6 +217,7 @@ def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> 
     ips = {"one_process": alone,
            "processes": _reported("processes", lambda: in_processes(models, count, batch_size))}
     mps = f"no {MPS_CONTROL} on the PATH" if shutil.which(MPS_CONTROL) is None else "its daemon did not start"
+    failed = {}
     with private_mps() as env:
         if env is not None:
             try:
@@ -225,7 +227,13 @@ def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> 
             except RuntimeError as exc:  # the daemon started, its clients could not use it
                 mps = f"its processes failed: {exc}"
                 print(f"processes_mps: {mps}", file=sys.stderr, flush=True)
-    failed = {}
+        if mps == "measured":  # twice as many: whether a suite gains from more jobs side by side under MPS
+            try:
+                ips["processes_mps_x2"] = _reported("processes_mps_x2", lambda: in_processes(
+                    2 * models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
+            except RuntimeError as exc:
+                failed["processes_mps_x2"] = str(exc)
+                print(f"processes_mps_x2: {exc}", file=sys.stderr, flush=True)
     for name, own_streams in (("one_stream", False), ("streams", True)):
         try:
             ips[name] = _reported(name, lambda: in_a_child(models, count, batch_size, own_streams, ONE_PROCESS_TIMEOUT_S))

@@ -427,7 +427,8 @@ def sharing_lines(c: dict[str, Any], apart: dict[str, Any] | None = None) -> lis
     if "processes_mps" in ips:
         rows.append(["the same under CUDA MPS", ips["processes_mps"], s["vs_one_process"]["processes_mps"]])
     failed = s.get("failed", {})
-    for key, name in (("one_stream", f"{n} students in one process, all on one stream"),
+    for key, name in (("processes_mps_x2", f"{2 * n} processes under CUDA MPS"),
+                      ("one_stream", f"{n} students in one process, all on one stream"),
                       ("streams", f"{n} students in one process, one CUDA stream each")):
         if key in ips:
             rows.append([name, ips[key], s["vs_one_process"][key]])

@@ -270,8 +270,33 @@ def test_the_sharing_benchmark_says_why_mps_was_not_measured(monkeypatch, capsys
     monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext({"CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe"}))
     figures = sharing.measure(models=3, count=5)
     assert figures["mps"].startswith("its processes failed: a process failed or ran past 90 s")
-    assert "processes_mps" not in figures["images_per_s"]
+    assert not {"processes_mps", "processes_mps_x2"} & set(figures["images_per_s"])
     assert "processes_mps: its processes failed" in capsys.readouterr().err
+
+
+def test_under_mps_twice_as_many_processes_are_measured_under_the_same_daemon(monkeypatch) -> None:
+    """Whether more jobs side by side gain under MPS: after the ``models`` processes, twice as
+    many, with the same daemon's environment (the processes stood in for: they need a GPU)."""
+    from contextlib import nullcontext
+
+    from benchmarks import sharing
+
+    seen: list[tuple[int, dict | None]] = []
+
+    def processes(processes, count, batch_size, env=None, **_):
+        seen.append((processes, env))
+        return 900.0 if env is None else 1100.0 * processes / 3
+
+    mps_env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe"}
+    monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0)
+    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, own_streams, timeout: 1000.0)
+    monkeypatch.setattr(sharing, "in_processes", processes)
+    monkeypatch.setattr(sharing.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(mps_env))
+    figures = sharing.measure(models=3, count=5)
+    assert seen == [(3, None), (3, mps_env), (6, mps_env)]
+    assert figures["vs_one_process"]["processes_mps_x2"] == pytest.approx(2.2)
+    assert figures["failed"] == {}
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -319,8 +344,9 @@ def test_sharing_figures_from_another_gpu_machine_join_the_report_naming_their_c
     raw.write_text((ROOT / "benchmarks" / "benchmarks.json").read_text())  # a full run's raw data
     figures.write_text(json.dumps({
         "models": 3, "steps": 200, "batch_size": 128, "mps": "measured",
-        "images_per_s": {"one_process": 20_000.0, "processes": 19_000.0, "processes_mps": 25_000.0},
-        "vs_one_process": {"processes": 0.95, "processes_mps": 1.25},
+        "images_per_s": {"one_process": 20_000.0, "processes": 19_000.0, "processes_mps": 25_000.0,
+                         "processes_mps_x2": 27_000.0},
+        "vs_one_process": {"processes": 0.95, "processes_mps": 1.25, "processes_mps_x2": 1.35},
         "failed": {"streams": "it failed or ran past 75 s (exit code None)"},
         "date": "2026-11-27", "command": "python -m benchmarks.sharing", "note": "Hung: see the README.",
         "machine": {"gpu": "NVIDIA H200", "cores": 16, "torch": "2.11.0+cu130"}}))
@@ -328,6 +354,7 @@ def test_sharing_figures_from_another_gpu_machine_join_the_report_naming_their_c
     text = out.read_text()
     assert "Measured apart from the figures above, 2026-11-27 on NVIDIA H200 (16 CPU cores)" in text
     assert "| the same under CUDA MPS | 25,000 | 1.25 |" in text
+    assert "| 6 processes under CUDA MPS | 27,000 | 1.35 |" in text
     assert "| 3 students in one process, one CUDA stream each | no figure | it failed or ran past 75 s" in text
     assert "\nHung: see the README.\n" in text
     assert json.loads(raw.read_text())["cuda_sharing"]["machine"]["gpu"] == "NVIDIA H200"
