@@ -111,6 +111,19 @@ def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE, own_st
     return models * count * batch_size / replay(steps, streams, count)
 
 
+def _gathered(results: Any, children: list[Any], deadline: float) -> list[Any] | None:
+    """One result from each of ``children`` (a result queue's), asked for every second; None
+    once one of them has failed (exit code not 0) or ``deadline`` (time.monotonic()) has passed."""
+    done: list[Any] = []
+    while len(done) < len(children):
+        try:
+            done.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(child.exitcode not in (None, 0) for child in children) or time.monotonic() > deadline:
+                return None
+    return done
+
+
 def _one_process_child(models: int, count: int, batch_size: int, own_streams: bool, results: Any) -> None:
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     results.put(in_one_process(models, count, batch_size, own_streams))
@@ -124,14 +137,11 @@ def in_a_child(models: int, count: int, batch_size: int = BATCH_SIZE, own_stream
     results = context.Queue()
     child = context.Process(target=_one_process_child, args=(models, count, batch_size, own_streams, results))
     child.start()
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                return results.get(timeout=1.0)
-            except queue.Empty:
-                if child.exitcode not in (None, 0) or time.monotonic() > deadline:
-                    raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code {child.exitcode})") from None
+        done = _gathered(results, [child], time.monotonic() + timeout)
+        if done is None:
+            raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code {child.exitcode})")
+        return done[0]
     finally:
         child.join(timeout=KILLED_JOIN_S)
         if child.is_alive():
@@ -165,17 +175,12 @@ def in_processes(processes: int, count: int, batch_size: int = BATCH_SIZE, timeo
     with environment_with(env or {}):
         for child in children:
             child.start()
-    done: list[tuple[float, float, int]] = []
-    deadline = time.monotonic() + timeout
     join_s = JOIN_S
     try:
-        while len(done) < processes:
-            try:
-                done.append(results.get(timeout=1.0))
-            except queue.Empty:
-                if any(child.exitcode not in (None, 0) for child in children) or time.monotonic() > deadline:
-                    raise RuntimeError(f"a process failed or ran past {timeout:.0f} s "
-                                       f"(exit codes {[child.exitcode for child in children]})") from None
+        done = _gathered(results, children, time.monotonic() + timeout)
+        if done is None:
+            raise RuntimeError(f"a process failed or ran past {timeout:.0f} s "
+                               f"(exit codes {[child.exitcode for child in children]})")
     except BaseException:
         for child in children:  # the others would wait at the barrier
             child.kill()
