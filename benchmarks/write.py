@@ -415,9 +415,9 @@ def recalibration_lines(c: dict[str, Any]) -> list[str]:
 def sharing_lines(c: dict[str, Any], apart: dict[str, Any] | None = None) -> list[str]:
     """4e, when the raw data has it (older GPU runs did not measure it): from section 4's run, or
     ``apart``, measured on its own and naming its machine."""
-    if "sharing" not in c and apart is None:
+    s = c.get("sharing", apart)
+    if s is None:
         return []
-    s = c["sharing"] if "sharing" in c else apart
     where = [] if "sharing" in c else [
         f"Measured apart from the figures above, {s['date']} on {s['machine']['gpu']} ({s['machine']['cores']} CPU "
         f"cores); torch {s['machine']['torch']}. Command: `{s['command']}`.", ""]
