@@ -4,11 +4,9 @@ machine, and ``python -m benchmarks --add-sharing sharing.json`` puts it into BE
 
 The suite runs its arms side by side as processes (``--jobs``), and each federated client is a
 Ray actor, a process of its own. A card without MPS runs one process's kernels at a time, so
-processes side by side may add no images per second to what one process alone gets, while
-several models in one process, each replaying its recorded step on its own CUDA stream, can
-run their kernels at the same time. Measured here: the student's recorded training step at
-batch 128 (random data already on the card, no augmentation: what is shared is the step), the
-same number of steps per model
+processes side by side may add no images per second to what one process alone gets. Measured
+here: the student's recorded training step at batch 128 (random data already on the card, no
+augmentation: what is shared is the step), the same number of steps per model
 
 - alone in one process (the reference),
 - in ``models`` processes at once (started together behind a barrier),
@@ -16,13 +14,14 @@ same number of steps per model
   the benchmark's own (its pipe folder private, so no other process joins it), stopped after;
   left out where the machine has no ``nvidia-cuda-mps-control`` or it does not start; then
   twice as many processes under MPS,
-- as ``models`` students in one process, all on one stream (taking turns, as without MPS),
-- the same with one CUDA stream each,
+- as ``models`` students in one process, all on one stream,
 
-as aggregate images per second and as ratios to the reference. The measurements in one
-process run in a process of their own with a time limit: a replay stuck in the driver (seen on
-an H200 with three streams) is then reported as such, after the others are measured, and its
-log says which model's first replay did not return.
+as aggregate images per second and as ratios to the reference. Students in one process on CUDA
+streams of their own are not measured: on an H200 their recorded steps replayed at once hung
+when recorded on torch's one capture stream, and trained differently from the same replays in
+turn when recorded on their own streams. The measurement in one process runs in a process of
+its own with a time limit, so that a replay stuck in the driver is reported as such. A time
+limit's SIGTERM still writes the figures measured before it, marked ``stopped``.
 """
 
 from __future__ import annotations
@@ -51,64 +50,50 @@ from fedmergenet.training import _CapturedStep, _on_side_stream, _Step  # the lo
 BATCH_SIZE = 128
 
 
-def recorded_steps(models: int, batch_size: int, seed: int = 0,
-                   streams: list[torch.cuda.Stream] | None = None) -> list[_CapturedStep]:
-    """``models`` students on the card, each with its step recorded after the loop's warm-up,
-    on ``streams[i]`` when given (else on torch's one capture stream)."""
+def recorded_steps(models: int, batch_size: int, seed: int = 0) -> list[_CapturedStep]:
+    """``models`` students on the card, each with its step recorded after the loop's warm-up."""
     torch.manual_seed(seed)
     device = torch.device("cuda")
     steps = []
-    for index in range(models):
+    for _ in range(models):
         model = build_student(num_classes=10).to(device, memory_format=torch.channels_last).train()
         step = _Step(model, make_optimizer(model, lr=0.01), proximal=None)
         images = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 10, (batch_size,), device=device)
         for _ in range(CAPTURE_WARMUP_STEPS):
             _on_side_stream(step, images, labels)
-        steps.append(_CapturedStep(step, images, labels, stream=streams[index] if streams else None))
+        steps.append(_CapturedStep(step, images, labels))
     torch.cuda.synchronize()
     return steps
 
 
-def replay(steps: list[_CapturedStep], streams: list[torch.cuda.Stream], count: int) -> float:
-    """Seconds for ``count`` replays of every step, step i on stream i, until the card is done."""
+def replay(steps: list[_CapturedStep], count: int) -> float:
+    """Seconds for ``count`` replays of every step, in turn, until the card is done."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(count):
-        for step, stream in zip(steps, streams):
-            with torch.cuda.stream(stream):
-                step(*step.inputs)
+        for step in steps:
+            step(*step.inputs)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def ready(models: int, count: int, batch_size: int, own_streams: bool = True,
-          ) -> tuple[list[_CapturedStep], list[torch.cuda.Stream]]:
-    """``models`` recorded steps with a stream each (the current stream for one model or
-    without ``own_streams``), replayed untimed a tenth of ``count`` times: the first replays
+def ready(models: int, count: int, batch_size: int) -> list[_CapturedStep]:
+    """``models`` recorded steps, replayed untimed a tenth of ``count`` times: the first replays
     allocate. Each model's first replay is waited for and logged, so that a replay that never
-    returns is found in the log.
-
-    Steps on streams of their own are recorded on those streams, so that their replays at once
-    do not share cuBLAS's workspace (``_Recorded``)."""
-    if models == 1 or not own_streams:
-        steps = recorded_steps(models, batch_size)
-        streams = [torch.cuda.current_stream()] * models
-    else:
-        streams = [torch.cuda.Stream() for _ in range(models)]
-        steps = recorded_steps(models, batch_size, streams=streams)
-    for index, (step, stream) in enumerate(zip(steps, streams)):
-        replay([step], [stream], 1)
+    returns is found in the log."""
+    steps = recorded_steps(models, batch_size)
+    for index, step in enumerate(steps):
+        replay([step], 1)
         print(f"  model {index}: first replay done", file=sys.stderr, flush=True)
-    replay(steps, streams, max(3, count // 10))
-    return steps, streams
+    replay(steps, max(3, count // 10))
+    return steps
 
 
-def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE, own_streams: bool = True) -> float:
-    """Aggregate images/s of ``models`` students in this process, each on its own stream unless
-    not ``own_streams`` (one student: the current stream, the reference)."""
-    steps, streams = ready(models, count, batch_size, own_streams)
-    return models * count * batch_size / replay(steps, streams, count)
+def in_one_process(models: int, count: int, batch_size: int = BATCH_SIZE) -> float:
+    """Aggregate images/s of ``models`` students in this process (one: the reference)."""
+    steps = ready(models, count, batch_size)
+    return models * count * batch_size / replay(steps, count)
 
 
 def _gathered(results: Any, children: list[Any], deadline: float) -> list[Any] | None:
@@ -124,18 +109,17 @@ def _gathered(results: Any, children: list[Any], deadline: float) -> list[Any] |
     return done
 
 
-def _one_process_child(models: int, count: int, batch_size: int, own_streams: bool, results: Any) -> None:
+def _one_process_child(models: int, count: int, batch_size: int, results: Any) -> None:
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    results.put(in_one_process(models, count, batch_size, own_streams))
+    results.put(in_one_process(models, count, batch_size))
 
 
-def in_a_child(models: int, count: int, batch_size: int = BATCH_SIZE, own_streams: bool = True,
-               timeout: float = 120.0) -> float:
+def in_a_child(models: int, count: int, batch_size: int = BATCH_SIZE, timeout: float = 120.0) -> float:
     """``in_one_process`` in a process of its own, which is killed after ``timeout`` seconds
     (a RuntimeError then): a replay stuck in the driver cannot be interrupted from Python."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    child = context.Process(target=_one_process_child, args=(models, count, batch_size, own_streams, results))
+    child = context.Process(target=_one_process_child, args=(models, count, batch_size, results))
     child.start()
     try:
         done = _gathered(results, [child], time.monotonic() + timeout)
@@ -153,11 +137,11 @@ def _process(index: int, count: int, batch_size: int, barrier: Any, results: Any
     # A time limit's SIGTERM reaches these processes too (``timeout`` signals its process group):
     # each writes where it was into the shared log before it ends.
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    steps, stream = ready(1, count, batch_size)
+    steps = ready(1, count, batch_size)
     print(f"process {index}: recorded, at the barrier", file=sys.stderr, flush=True)
     barrier.wait(timeout=300)  # every process set up: the timed replays overlap
     start = time.monotonic()  # system-wide, comparable across processes
-    replay(steps, stream, count)
+    replay(steps, count)
     results.put((start, time.monotonic(), count * batch_size))
 
 
@@ -216,43 +200,52 @@ def _reported(name: str, measurement: Callable[[], float]) -> float:
     return images_per_s
 
 
-def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """The figures; ``mps`` says what became of the MPS measurement (``measured``, or why not)."""
-    alone = _reported("one_process", lambda: in_one_process(1, count, batch_size))
-    ips = {"one_process": alone,
-           "processes": _reported("processes", lambda: in_processes(models, count, batch_size))}
-    mps = f"no {MPS_CONTROL} on the PATH" if shutil.which(MPS_CONTROL) is None else "its daemon did not start"
-    failed = {}
-    with private_mps() as env:
-        if env is not None:
-            try:
-                ips["processes_mps"] = _reported("processes_mps", lambda: in_processes(
-                    models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
-                mps = "measured"
-            except RuntimeError as exc:  # the daemon started, its clients could not use it
-                mps = f"its processes failed: {exc}"
-                print(f"processes_mps: {mps}", file=sys.stderr, flush=True)
-        if mps == "measured":  # twice as many: whether a suite gains from more jobs side by side under MPS
-            try:
-                ips["processes_mps_x2"] = _reported("processes_mps_x2", lambda: in_processes(
-                    2 * models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
-            except RuntimeError as exc:
-                failed["processes_mps_x2"] = str(exc)
-                print(f"processes_mps_x2: {exc}", file=sys.stderr, flush=True)
-    for name, own_streams in (("one_stream", False), ("streams", True)):
+def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE,
+            figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures, added to ``figures`` as each is measured (so that a caller stopped part way
+    still holds those before); ``mps`` says what became of the MPS measurement (``measured``,
+    or why not)."""
+    figures = {} if figures is None else figures
+    ips: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    figures |= {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
+                "vs_one_process": ratios, "mps": "not measured yet", "failed": failed}
+
+    def add(name: str, measurement: Callable[[], float]) -> None:
+        ips[name] = _reported(name, measurement)
+        if name != "one_process":
+            ratios[name] = ips[name] / ips["one_process"]
+
+    def add_unless_failed(name: str, measurement: Callable[[], float]) -> None:
         try:
-            ips[name] = _reported(name, lambda: in_a_child(models, count, batch_size, own_streams, ONE_PROCESS_TIMEOUT_S))
+            add(name, measurement)
         except RuntimeError as exc:
             failed[name] = str(exc)
             print(f"{name}: {exc}", file=sys.stderr, flush=True)
-    return {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
-            "vs_one_process": {name: value / alone for name, value in ips.items() if name != "one_process"},
-            "mps": mps, "failed": failed}
+
+    add("one_process", lambda: in_one_process(1, count, batch_size))
+    add("processes", lambda: in_processes(models, count, batch_size))
+    with private_mps() as env:
+        if env is None:
+            figures["mps"] = f"no {MPS_CONTROL} on the PATH" if shutil.which(MPS_CONTROL) is None else "its daemon did not start"
+        else:
+            try:
+                add("processes_mps", lambda: in_processes(models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
+                figures["mps"] = "measured"
+            except RuntimeError as exc:  # the daemon started, its clients could not use it
+                figures["mps"] = f"its processes failed: {exc}"
+                print(f"processes_mps: {figures['mps']}", file=sys.stderr, flush=True)
+        if figures["mps"] == "measured":  # twice as many: whether a suite gains from more jobs side by side under MPS
+            add_unless_failed("processes_mps_x2", lambda: in_processes(
+                2 * models, count, batch_size, timeout=MPS_TIMEOUT_S, env=env))
+    add_unless_failed("one_stream", lambda: in_a_child(models, count, batch_size, ONE_PROCESS_TIMEOUT_S))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sharing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=int, default=3, help="processes side by side, and streams in one process")
+    parser.add_argument("--models", type=int, default=3, help="processes side by side, and students in one process")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per model")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -268,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     from .__main__ import machine
 
-    figures = measure(args.models, args.steps) | {
-        "date": datetime.date.today().isoformat(), "machine": machine(),
-        "command": shlex.join(["python", "-m", "benchmarks.sharing", *(argv if argv is not None else sys.argv[1:])])}
+    figures = {"date": datetime.date.today().isoformat(), "machine": machine(),
+               "command": shlex.join(["python", "-m", "benchmarks.sharing", *(argv if argv is not None else sys.argv[1:])])}
+    try:
+        measure(args.models, args.steps, figures=figures)
+    except SystemExit:
+        figures["stopped"] = "by a SIGTERM (a time limit) before every figure was measured"
+        print(json.dumps(figures, indent=1), flush=True)
+        raise
     print(json.dumps(figures, indent=1))
     return 0
 

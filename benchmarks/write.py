@@ -442,6 +442,8 @@ def sharing_lines(c: dict[str, Any], apart: dict[str, Any] | None = None) -> lis
                     [[name, f"{v:,.0f}", f"{r:.2f}"] if v is not None else [name, "no figure", r]
                      for name, v, r in rows]), "",
             *([] if "processes_mps" in ips else [f"CUDA MPS: not measured ({_mps_reason(s)}).", ""]),
+            *([f"Stopped part way, {s['stopped']}: the figures above are those measured before.", ""]
+              if "stopped" in s else []),
             *([s["note"], ""] if "note" in s else [])]  # what the raw data's provider says of the run
 
 

@@ -189,19 +189,17 @@ class _Step:
 class _Recorded:
     """``run(*inputs)`` recorded once as a CUDA graph on static copies of its inputs, then replayed
     on new inputs of the same shapes, returning (a copy of) what ``run`` returned, if a tensor.
-    Recording runs nothing: the inputs it is made from still need a replay.
+    Recording runs nothing: the inputs it is made from still need a replay. Recordings replay
+    one at a time: every one is recorded on torch's one capture stream, and PyTorch keys
+    cuBLAS's workspace by the stream (pytorch/pytorch#193402), so replays at once would share it."""
 
-    ``stream`` is the stream recorded on (default: torch's one capture stream). Recordings that
-    will replay at the same time need streams of their own: PyTorch keys cuBLAS's workspace by
-    the stream, so recordings made on one stream share it (pytorch/pytorch#193402)."""
-
-    def __init__(self, run: Callable[..., Any], *inputs: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
+    def __init__(self, run: Callable[..., Any], *inputs: torch.Tensor) -> None:
         # A replay reads and writes the very memory ``run``'s tensors (weights, optimiser state)
         # had when recorded: holding ``run`` keeps them alive as long as the recording.
         self.run = run
         self.inputs = tuple(tensor.clone() for tensor in inputs)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        with torch.cuda.graph(self.graph):
             self.output = run(*self.inputs)
 
     def fits(self, *inputs: torch.Tensor) -> bool:
@@ -220,8 +218,7 @@ class _CapturedStep(_Recorded):
     learning rate is fixed in the recording, so a graph lives for one epoch (the schedule
     moves between epochs)."""
 
-    def __init__(self, step: _Step, images: torch.Tensor, labels: torch.Tensor,
-                 stream: torch.cuda.Stream | None = None) -> None:
+    def __init__(self, step: _Step, images: torch.Tensor, labels: torch.Tensor) -> None:
         step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph
 
         def recorded(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -229,7 +226,7 @@ class _CapturedStep(_Recorded):
             step.optimizer.step()
             return loss
 
-        super().__init__(recorded, images, labels, stream=stream)
+        super().__init__(recorded, images, labels)
 
 
 def _on_side_stream(run: Callable[..., Any], images: torch.Tensor, *args: torch.Tensor) -> Any:

@@ -65,7 +65,8 @@ if [ "${SHARING:-1}" != 0 ]; then
     step "sharing benchmark: exit $? ($(if [ -s "$OUT_DIR/sharing.json" ]; then python3 - "$OUT_DIR/sharing.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-print(", ".join(f"{k} {v:,.0f} img/s" for k, v in s["images_per_s"].items()), "| MPS:", s["mps"], "| failed:", s.get("failed"))
+print(", ".join(f"{k} {v:,.0f} img/s" for k, v in s["images_per_s"].items()), "| MPS:", s["mps"], "| failed:", s.get("failed"),
+      *(["| stopped:", s["stopped"]] if "stopped" in s else []))
 PY
         else tail -c 300 "$LOGS/sharing.log" | tr '\n' ' '; fi))"
 fi

@@ -135,6 +135,11 @@ def test_the_sharing_figures_read_as_images_per_second_against_one_process() -> 
     text = "\n".join(cuda_section({"cuda": figures}))
     assert "| 3 students in one process, all on one stream | 20,500 | 1.02 |" in text
     assert "| 3 students in one process, one CUDA stream each | no figure | it failed or ran past 75 s (exit code None) |" in text
+    # A run its time limit stopped says so under the figures it did measure.
+    assert "Stopped part way" not in text
+    figures["sharing"]["stopped"] = "by a SIGTERM (a time limit) before every figure was measured"
+    assert ("Stopped part way, by a SIGTERM (a time limit) before every figure was measured: the figures "
+            "above are those measured before.") in cuda_section({"cuda": figures})
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
@@ -189,13 +194,17 @@ def test_processes_that_outlive_their_kill_are_waited_for_once_not_each_in_turn(
 
 def test_a_sharing_run_stopped_by_its_time_limit_says_where_it_was(tmp_path: Path) -> None:
     """A time limit's SIGTERM ends the benchmark with its exit code, after writing where every
-    thread was: here a measurement (stood in for: it needs a GPU) that waits in native code."""
+    thread was and the figures measured so far: here a measurement (stood in for: it needs a
+    GPU) that waits."""
     started = tmp_path / "started"
     script = f"""
 import sys, time, torch
+import benchmarks.__main__
 from benchmarks import sharing
 torch.cuda.is_available = lambda: True
-def waiting_measurement(models, count):
+benchmarks.__main__.machine = lambda: {{"gpu": "a stand-in"}}
+def waiting_measurement(models, count, figures):
+    figures["images_per_s"] = {{"one_process": 19000.0}}
     open({str(started)!r}, "w").close()
     time.sleep(60)
 sharing.measure = waiting_measurement
@@ -207,9 +216,13 @@ sys.exit(sharing.main([]))
     while not started.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     process.terminate()
-    _, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + 15, err[-2000:]
     assert "most recent call first" in err and "in waiting_measurement" in err
+    # What it measured before is still written, marked as stopped, with its machine.
+    figures = json.loads(out)
+    assert figures["images_per_s"] == {"one_process": 19000.0}
+    assert figures["stopped"].startswith("by a SIGTERM") and "machine" in figures
 
 
 def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkeypatch, capsys) -> None:
@@ -218,10 +231,8 @@ def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkey
     before it in the log."""
     from benchmarks import sharing
 
-    def in_a_child(models, count, batch_size, own_streams, timeout):
-        if own_streams:
-            raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code None)")
-        return 1100.0
+    def in_a_child(models, count, batch_size, timeout):
+        raise RuntimeError(f"it failed or ran past {timeout:.0f} s (exit code None)")
 
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
     monkeypatch.setattr(sharing, "in_processes", lambda processes, count, batch_size, **_: 900.0)
@@ -230,10 +241,9 @@ def test_the_sharing_benchmark_logs_each_figure_as_soon_as_it_is_measured(monkey
     figures = sharing.measure(models=3, count=5)
     assert capsys.readouterr().err.splitlines() == [
         "one_process: measuring", "one_process: 1,000 images/s", "processes: measuring", "processes: 900 images/s",
-        "one_stream: measuring", "one_stream: 1,100 images/s",
-        "streams: measuring", "streams: it failed or ran past 75 s (exit code None)"]
-    assert figures["vs_one_process"] == {"processes": 0.9, "one_stream": 1.1}
-    assert figures["failed"] == {"streams": "it failed or ran past 75 s (exit code None)"}
+        "one_stream: measuring", "one_stream: it failed or ran past 75 s (exit code None)"]
+    assert figures["vs_one_process"] == {"processes": 0.9}
+    assert figures["failed"] == {"one_stream": "it failed or ran past 75 s (exit code None)"}
     assert figures["mps"] == "no nvidia-cuda-mps-control on the PATH"
 
 
@@ -262,7 +272,7 @@ def test_the_sharing_benchmark_says_why_mps_was_not_measured(monkeypatch, capsys
         return 900.0
 
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0 * models)
-    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, own_streams, timeout: 1000.0)
+    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, timeout: 1000.0)
     monkeypatch.setattr(sharing, "in_processes", processes)
     monkeypatch.setattr(sharing.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(None))
@@ -289,7 +299,7 @@ def test_under_mps_twice_as_many_processes_are_measured_under_the_same_daemon(mo
 
     mps_env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe"}
     monkeypatch.setattr(sharing, "in_one_process", lambda models, count, batch_size: 1000.0)
-    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, own_streams, timeout: 1000.0)
+    monkeypatch.setattr(sharing, "in_a_child", lambda models, count, batch_size, timeout: 1000.0)
     monkeypatch.setattr(sharing, "in_processes", processes)
     monkeypatch.setattr(sharing.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(sharing, "private_mps", lambda: nullcontext(mps_env))

@@ -367,46 +367,6 @@ def test_a_recorded_gpu_step_keeps_the_model_and_optimiser_it_replays_alive():
     assert not torch.equal(model_ref().state_dict()[STUDENT_LAYER], before)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_steps_recorded_on_streams_of_their_own_replay_at_once_as_they_do_in_turn():
-    """On a GPU (skipped elsewhere): two students' steps, each recorded on a stream of its own and
-    replayed at the same time on those streams, train each student as replaying them one after
-    the other does. Recorded on torch's one capture stream, such replays share cuBLAS's
-    workspace, and on an H200 three of them at once never finished (benchmarks/sharing.py)."""
-    from fedmergenet.training import CAPTURE_WARMUP_STEPS, _CapturedStep, _on_side_stream, _Step
-
-    cuda = torch.device("cuda")
-    torch.manual_seed(0)
-    starts = [build_student(num_classes=10).state_dict() for _ in range(2)]
-    batches = [(torch.randn(64, 3, 32, 32, device=cuda), torch.randint(0, 10, (64,), device=cuda)) for _ in range(2)]
-
-    def trained(at_once: bool) -> list[torch.Tensor]:
-        streams = [torch.cuda.Stream() for _ in starts]
-        recorded, models = [], []
-        for start, (images, labels), stream in zip(starts, batches, streams):
-            model = build_student(num_classes=10)
-            model.load_state_dict(start)
-            model.to(cuda).train()
-            step = _Step(model, make_optimizer(model, lr=0.01), proximal=None)
-            for _ in range(CAPTURE_WARMUP_STEPS):
-                _on_side_stream(step, images, labels)
-            recorded.append(_CapturedStep(step, images, labels, stream=stream))
-            models.append(model)
-        torch.cuda.synchronize()
-        for _ in range(20):
-            for index, (step, stream) in enumerate(zip(recorded, streams)):
-                with torch.cuda.stream(stream):
-                    step(*batches[index])
-                if not at_once:
-                    torch.cuda.synchronize()
-        torch.cuda.synchronize()
-        return [model.state_dict()[STUDENT_LAYER].cpu() for model in models]
-
-    for alone, together in zip(trained(at_once=False), trained(at_once=True)):
-        # Within the noise of cuDNN's and cuBLAS's atomics, far below a race's garbage.
-        torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-5)
-
-
 def test_a_recorded_recalibration_sums_every_batch_once(monkeypatch: pytest.MonkeyPatch):
     """The recorded path's order, with the CUDA graph stood in for by a replay that runs the
     forward eagerly (the GPU test below records for real): the first batch warms up eagerly,
