@@ -22,7 +22,8 @@ from ..training import (Proximal, bn_statistics, make_optimizer, make_scheduler,
                         recalibrate_bn, step_compiler, train_epoch)
 from ..data.splits import ClientData, client_data
 from ..models import new_student
-from .task import STATISTICS, as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes
+from .task import (CLIENT_SECONDS, LOCAL_EVAL, RECALIBRATE_BN, RECALIBRATE_SECONDS, STATISTICS, TRAIN_EXAMPLES,
+                   TRAIN_SECONDS, as_float, global_epoch, load_arrays, run_config, scalars_from, with_dtypes)
 from .wire import wire_mod
 
 app = ClientApp()
@@ -98,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     load_arrays(model, msg.content["arrays"])
     content = RecordDict()
     start = time.perf_counter()
-    if bool(config.get("recalibrate-bn", False)):
+    if bool(config.get(RECALIBRATE_BN, False)):
         # The server evaluates the model it sent once these statistics arrive: one message (and,
         # in deployment, one ClientApp process) a round instead of a train and an evaluate phase.
         # Training in train mode never reads running statistics, so the update is unchanged.
@@ -113,14 +114,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({
         "train-loss": loss,
         "num-examples": num_train,
-        "train-seconds": train_seconds,
-        "recalibrate-seconds": recalibrate_seconds,
+        TRAIN_SECONDS: train_seconds,
+        RECALIBRATE_SECONDS: recalibrate_seconds,
         # All of this function, model set-up and the copy back included: what a round spends
         # beyond it is the server's and the messages'.
-        "client-seconds": time.perf_counter() - entered,
+        CLIENT_SECONDS: time.perf_counter() - entered,
     })
     if STATISTICS in content:
-        metrics["train-examples"] = num_train  # the statistics' weight when the server pools them
+        metrics[TRAIN_EXAMPLES] = num_train  # the statistics' weight when the server pools them
     content["metrics"] = metrics
     return Message(content=content, reply_to=msg)
 
@@ -146,10 +147,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = client_data(cfg, partition_id, num_partitions, device=device)
     config = msg.content["config"]
     content = RecordDict()
-    if bool(config.get("recalibrate-bn", False)):
+    if bool(config.get(RECALIBRATE_BN, False)):
         content[STATISTICS] = ArrayRecord(recomputed_statistics(cfg, model, partition_id, num_partitions, device, data))
-    metrics = MetricRecord({"num-examples": max(data.num_val, 1), "train-examples": data.num_train})
-    if bool(config.get("local-eval", True)):  # off when only the server's evaluation is read
+    metrics = MetricRecord({"num-examples": max(data.num_val, 1), TRAIN_EXAMPLES: data.num_train})
+    if bool(config.get(LOCAL_EVAL, True)):  # off when only the server's evaluation is read
         result = evaluate_model(model, data.val, device)
         metrics.update({"eval-loss": result.loss, "eval-top1": result.top1, "eval-top5": result.top5,
                         "num-examples": max(result.examples, 1)})

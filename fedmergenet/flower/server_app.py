@@ -31,7 +31,7 @@ from .arrays import tensors_of
 from .state import ServerState, StateWriter, load_state
 from .strategy import MergeNetFusion, NodeWaitTimeout, RoundLog, spec_of
 from . import wire
-from .task import load_arrays, run_config
+from .task import LOCAL_EVAL, RECALIBRATE_BN, load_arrays, run_config
 
 app = ServerApp()
 
@@ -295,7 +295,7 @@ class FederatedRun:
                 log(INFO, "[ROUND %s/%s]", server_round, self.cfg.rounds)
                 strategy.round_log(server_round).started_s = time.time() - self.start
                 train_config = ConfigRecord({"local-epochs": self.cfg.local_epochs,
-                                             "recalibrate-bn": unevaluated is not None})
+                                             RECALIBRATE_BN: unevaluated is not None})
                 try:
                     messages = strategy.configure_train(server_round, arrays, train_config, grid)
                 except NodeWaitTimeout:
@@ -335,7 +335,7 @@ class FederatedRun:
     def evaluate_phase(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
         """Clients recompute the BatchNorm statistics (and evaluate, unless only the server
         does); the strategy pools them into ``arrays``, held for the server's evaluation."""
-        config = ConfigRecord({"local-eval": not self.cfg.skip_federated_eval})
+        config = ConfigRecord({LOCAL_EVAL: not self.cfg.skip_federated_eval})
         replies, _ = self.exchange(grid, self.strategy.configure_evaluate(server_round, arrays, config, grid))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:

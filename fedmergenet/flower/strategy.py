@@ -47,7 +47,8 @@ from ..fusion import KnowledgeFusionUnit
 from ..models import STUDENT_LAYER
 from ..training import pool_bn_statistics
 from .arrays import as_array, tensors_of, values
-from .task import STATISTICS, as_float, record_bytes, scalars_from
+from .task import (CLIENT_SECONDS, RECALIBRATE_BN, RECALIBRATE_SECONDS, STATISTICS, TRAIN_EXAMPLES, TRAIN_SECONDS,
+                   as_float, record_bytes, scalars_from)
 from .wire import ExchangeParts, wire_error
 
 
@@ -160,7 +161,7 @@ def check_statistics(msg: Message, spec: dict[str, TensorSpec], max_examples: in
         return "no BatchNorm statistics"
     bn_spec = {name: s for name, s in spec.items() if name.endswith(("running_mean", "running_var"))}
     statistics = content[STATISTICS]
-    reason = (check_count(next(iter(content.metric_records.values())), "train-examples", max_examples)
+    reason = (check_count(next(iter(content.metric_records.values())), TRAIN_EXAMPLES, max_examples)
               or check_arrays(statistics, bn_spec))
     if reason is None and any((values(statistics[name]) < 0).any() for name in bn_spec if name.endswith("var")):
         return "a running variance is negative"
@@ -248,7 +249,7 @@ class MergeNetFusion(Strategy):
             # recalibration the clients train from a different model, and the step must start there.
             base.current_arrays = arrays
         self._sent = arrays
-        self._statistics_asked = bool(config.get("recalibrate-bn", False))
+        self._statistics_asked = bool(config.get(RECALIBRATE_BN, False))
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
         log_.sampled_train = len(messages)
@@ -260,7 +261,7 @@ class MergeNetFusion(Strategy):
         if base.fraction_evaluate == 0.0:
             return []
         self.wait_for_nodes(grid, max(base.min_available_nodes, base.min_evaluate_nodes))
-        config["recalibrate-bn"] = self.recalibrate_bn
+        config[RECALIBRATE_BN] = self.recalibrate_bn
         self._evaluated = arrays
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         log_ = self.round_log(server_round)
@@ -293,9 +294,9 @@ class MergeNetFusion(Strategy):
         if self._statistics_asked:  # pooled into the model sent (recalibrate); the update is the rest
             replies = [without_statistics(msg) for msg in replies]
         sound = in_content_order(self.screen_replies(server_round, replies))
-        log_.slowest_train_s = slowest(sound, "train-seconds")
-        log_.slowest_recalibrate_s = slowest(sound, "recalibrate-seconds")
-        log_.slowest_total_s = slowest(sound, "client-seconds")
+        log_.slowest_train_s = slowest(sound, TRAIN_SECONDS)
+        log_.slowest_recalibrate_s = slowest(sound, RECALIBRATE_SECONDS)
+        log_.slowest_total_s = slowest(sound, CLIENT_SECONDS)
         start = time.perf_counter()
         if self.private and self._sent is not None:  # see task.scalars_from
             sound = [map_arrays(msg, lambda record: scalars_from(record, self._sent)) for msg in sound]
@@ -375,7 +376,7 @@ class MergeNetFusion(Strategy):
                     server_round, msg.metadata.src_node_id, reason)
         sound = in_content_order(sound, STATISTICS)
         stats = [tensors_of(msg.content[STATISTICS]) for msg in sound]
-        weights = [float(next(iter(msg.content.metric_records.values()))["train-examples"]) for msg in sound]
+        weights = [float(next(iter(msg.content.metric_records.values()))[TRAIN_EXAMPLES]) for msg in sound]
         if stats:
             for name, tensor in pool_bn_statistics(stats, weights).items():
                 arrays[name] = as_array(tensor.numpy())

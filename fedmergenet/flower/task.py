@@ -27,6 +27,14 @@ from .arrays import as_array, tensors_of, values
 # The ArrayRecord of a reply that carries the BatchNorm statistics a client recomputed for the
 # global model it was sent (an evaluate reply, or a train reply when the server asks).
 STATISTICS = "bn"
+# The other keys of our messages beyond Flower's own ("num-examples", "server-round",
+# "proximal-mu"), written on one side and read on the other. In a message's config:
+RECALIBRATE_BN = "recalibrate-bn"  # recompute the sent model's BatchNorm statistics and send them
+LOCAL_EVAL = "local-eval"  # evaluate on the local validation split
+# In a reply's metrics: the statistics' weight when the server pools them, and the client's
+# seconds of training, of recalibration and of its whole function (the server splits a round by them).
+TRAIN_EXAMPLES = "train-examples"
+TRAIN_SECONDS, RECALIBRATE_SECONDS, CLIENT_SECONDS = "train-seconds", "recalibrate-seconds", "client-seconds"
 
 
 def run_config(context: Context) -> RunConfig:

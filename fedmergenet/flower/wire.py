@@ -25,6 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid
 
 from .arrays import as_array, values
+from .task import CLIENT_SECONDS
 
 WIRE = "wire"  # the ConfigRecord with the layout of each packed ArrayRecord
 ERROR = "error"  # why a reply could not be unpacked; its screening rejects it
@@ -196,7 +197,7 @@ def function_seconds(reply: Message) -> float | None:
     """The ClientApp's own seconds for the reply, as our train function reports them."""
     if reply.has_error() or len(reply.content.metric_records) != 1:
         return None
-    value = next(iter(reply.content.metric_records.values())).get("client-seconds")
+    value = next(iter(reply.content.metric_records.values())).get(CLIENT_SECONDS)
     return float(value) if isinstance(value, (int, float)) else None
 
 
