@@ -146,6 +146,11 @@ def add_sharing(path: Path, json_path: Path, out: Path) -> int:
         print(f"error: {path} is not benchmarks.sharing's output with its machine (missing: {', '.join(sorted(missing))})",
               file=sys.stderr)
         return 2
+    if not isinstance(figures["images_per_s"], dict) or not {"one_process", "processes"} <= set(figures["images_per_s"]):
+        # A run its time limit stopped early: 4e's table is read against these two.
+        print(f"error: {path} was stopped before its reference figures (one process, processes side by side) "
+              f"were measured: {figures.get('stopped', 'they are missing')}", file=sys.stderr)
+        return 2
     data["cuda_sharing"] = figures
     return write(data, json_path, out)
 

@@ -210,7 +210,7 @@ def measure(models: int = 3, count: int = 200, batch_size: int = BATCH_SIZE,
     ratios: dict[str, float] = {}
     failed: dict[str, str] = {}
     figures |= {"models": models, "steps": count, "batch_size": batch_size, "images_per_s": ips,
-                "vs_one_process": ratios, "mps": "not measured yet", "failed": failed}
+                "vs_one_process": ratios, "mps": "not reached before the run was stopped", "failed": failed}
 
     def add(name: str, measurement: Callable[[], float]) -> None:
         ips[name] = _reported(name, measurement)

@@ -347,7 +347,8 @@ def test_a_run_without_a_gpu_keeps_the_gpu_figures_already_measured(tmp_path: Pa
 def test_sharing_figures_from_another_gpu_machine_join_the_report_naming_their_card(tmp_path: Path) -> None:
     """``python -m benchmarks.sharing`` ran on a lent H200, section 4 on an H100: ``--add-sharing``
     puts 4e into the raw data and BENCHMARKS.md under its own card; a file that is not that
-    output is one line and exit 2, and changes nothing."""
+    output, or one stopped before its reference figures, is one line and exit 2, and changes
+    nothing."""
     from benchmarks.__main__ import main
 
     raw, out, figures = tmp_path / "benchmarks.json", tmp_path / "BENCHMARKS.md", tmp_path / "sharing.json"
@@ -370,13 +371,17 @@ def test_sharing_figures_from_another_gpu_machine_join_the_report_naming_their_c
     assert json.loads(raw.read_text())["cuda_sharing"]["machine"]["gpu"] == "NVIDIA H200"
 
     before = raw.read_text(), out.read_text()
-    figures.write_text(json.dumps({"models": 3}))
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--add-sharing", str(figures), "--json", str(raw),
-                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=120)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "is not benchmarks.sharing's output" in result.stderr
-    assert (raw.read_text(), out.read_text()) == before
+    stopped_early = {**json.loads(figures.read_text()), "images_per_s": {"one_process": 20_000.0},
+                     "stopped": "by a SIGTERM (a time limit) before every figure was measured"}
+    for wrong, error in (({"models": 3}, "is not benchmarks.sharing's output"),
+                         (stopped_early, "was stopped before its reference figures")):
+        figures.write_text(json.dumps(wrong))
+        result = subprocess.run([sys.executable, "-m", "benchmarks", "--add-sharing", str(figures), "--json", str(raw),
+                                 "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=120)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1 and error in result.stderr
+        assert (raw.read_text(), out.read_text()) == before
 
 
 def test_the_recalibration_studys_statistics_over_n_batches_are_recalibrate_bns_over_them() -> None:
