@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmergenet-bench-") as work:
         settings = settings_from(args, Path(work))
         data = measure(settings)
-    if "cuda" in data:
-        data.pop("cuda_sharing", None)
-    else:
+    if "cuda" not in data:
         data |= earlier_cuda(json_path)
     data |= {
         "date": datetime.date.today().isoformat(),
