@@ -165,7 +165,7 @@ class Processes:
         return process
 
     def stop_all(self) -> None:
-        stop_processes(list(reversed(self.started)))
+        stop_processes(self.started)
         for process in self.started:
             kill_group(process)
         for handle in self.logs:
