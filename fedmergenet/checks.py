@@ -31,6 +31,6 @@ def check_run(cfg: RunConfig, output: Path, teacher: bool) -> RunConfig:
     train = train_set(cfg)
     if cfg.num_clients > len(train):
         raise ConfigError(f"--num-clients {cfg.num_clients} exceeds the {len(train)} training images")
-    if teacher and cfg.fuses and not cfg.random_teacher:
+    if teacher and cfg.fuses and not cfg.random_teacher and not cfg.teacher_pending:
         load_teacher(cfg.teacher_path(), dataset=cfg.dataset, num_classes=train.num_classes)
     return cfg

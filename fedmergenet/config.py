@@ -134,6 +134,10 @@ class RunConfig:
     teacher_epochs: int = opt(200, "epochs of teacher pretraining when its checkpoint is missing")
     teacher_lr: float = opt(0.1, "teacher pretraining: peak of its warm-up + cosine learning rate")
     teacher_train_limit: int = opt(-1, "training images for the teacher: -1 = train_limit, 0 = the whole set")
+    # The suite starts its arms beside the pretraining of their teacher: a Flower run spends its
+    # first tens of seconds starting, and needs the teacher only from its first fusing arm on.
+    await_teacher: bool = opt(False, "wait for a missing teacher checkpoint that another process is pretraining "
+                                     "(the suite's arms, started beside it) instead of pretraining it or stopping")
     # Runtime
     output_dir: str = opt("", "where metrics.jsonl, summary.json and models go")
     seed: int = opt(
@@ -237,6 +241,11 @@ class RunConfig:
     def fuses(self) -> bool:
         """Whether this run, or one of its fusion arms, fuses: then it needs the teacher."""
         return any(run.fusion for run in self.arm_runs())
+
+    @property
+    def teacher_pending(self) -> bool:
+        """Its teacher checkpoint is still being pretrained elsewhere: each arm waits for it as it starts."""
+        return self.await_teacher and self.fuses and not self.random_teacher and not self.teacher_path().is_file()
 
     # --- Flower run config -------------------------------------------------------------
     def to_run_config(self) -> dict[str, Any]:

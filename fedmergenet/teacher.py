@@ -7,6 +7,7 @@ rather than after hours of training.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,13 +127,29 @@ def placebo_teacher(model: ResNet50, info: TeacherInfo, seed: int = 0) -> tuple[
 
 
 def teacher_for_run(*, path: Path, dataset: str, num_classes: int, random: bool, placebo: bool,
-                    seed: int) -> tuple[ResNet50, TeacherInfo]:
-    """The teacher a run fuses from: the checkpoint, its placebo, or an untrained stand-in."""
+                    seed: int, wait: bool = False) -> tuple[ResNet50, TeacherInfo]:
+    """The teacher a run fuses from: the checkpoint, its placebo, or an untrained stand-in.
+    ``wait``: a missing checkpoint is being pretrained by another process (--await-teacher)."""
     if random:
         model, info = random_teacher(dataset=dataset, num_classes=num_classes, seed=seed)
     else:
+        if wait:
+            wait_for_teacher(path)
         model, info = load_teacher(path, dataset=dataset, num_classes=num_classes)
     return placebo_teacher(model, info, seed) if placebo else (model, info)
+
+
+def wait_for_teacher(path: Path, poll_s: float = 0.5) -> None:
+    """Until the checkpoint at ``path`` exists; save_teacher writes it whole or not at all.
+
+    No time limit of its own: the suite that pretrains the teacher stops its arms if the
+    pretraining fails, and an arm whose suite is killed outright is sent SIGTERM with it
+    (processes.Processes.start)."""
+    if path.is_file():
+        return
+    print(f"waiting for the teacher checkpoint {path}, which another process is pretraining", flush=True)
+    while not path.is_file():
+        time.sleep(poll_s)
 
 
 def freeze(model: torch.nn.Module) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path:
     from fedmergenet.cli import runner_parser
     from fedmergenet.config import config_from_args
 
-    cfg = tiny(tmp_path / "t.pt", tmp_path, lr_milestones="1,2", alpha=0.5)
+    cfg = tiny(tmp_path / "t.pt", tmp_path, lr_milestones="1,2", alpha=0.5, random_teacher=True)
     units = suite_units(cfg, seeds=[3, 4], root=tmp_path / "suite", cotrain_teacher=True)
     assert [u.name for u in units[:5]] == ["seed3/federated", "seed4/federated",  # the longest first
                                            "seed3/central", "seed3/central_mergenet", "seed3/central_placebo"]
@@ -120,7 +121,8 @@ def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path:
     for unit in units:
         args = runner_parser().parse_args(unit.command()[2:])
         assert config_from_args(args) == unit.cfg, unit.name
-        assert (args.central, args.cotrain_teacher) == (unit.central, unit.central)
+        central = unit.kind == "central"
+        assert (args.central, args.cotrain_teacher, args.pretrain_teacher) == (central, central, False)
     federated = units[0].cfg
     assert (federated.seed, federated.fusion_arms) == (3, "plain mergenet placebo")
     assert [run.output_dir for run in federated.arm_runs()] == [
@@ -128,10 +130,55 @@ def test_each_unit_of_the_suite_is_the_runners_own_command_for_its_arm(tmp_path:
     assert units[6].cfg.output_dir == str(tmp_path / "suite" / "seed4" / "central_mergenet")
 
 
+def test_a_missing_teacher_is_pretrained_first_and_side_by_side_beside_the_arms(tmp_path: Path,
+                                                                                teacher_file: Path) -> None:
+    """Side by side, the suite pretrains a missing teacher beside the first arms, in no place of
+    theirs, and the arms wait for its checkpoint instead of each pretraining one; one at a time
+    it runs first, alone. A teacher already there is not pretrained again."""
+    from fedmergenet.cli import runner_parser
+    from fedmergenet.config import config_from_args
+
+    cfg = tiny(tmp_path / "t.pt", tmp_path)
+    teacher, *arms = suite_units(cfg, seeds=[0], root=tmp_path / "suite", jobs=3)
+    assert (teacher.name, teacher.kind, teacher.beside) == ("teacher", "teacher", True)
+    args = runner_parser().parse_args(teacher.command()[2:])
+    assert args.pretrain_teacher and config_from_args(args) == cfg
+    assert [arm.kind for arm in arms] == ["federated", "central", "central", "central"]
+    assert all(arm.cfg.await_teacher and not arm.beside for arm in arms)
+
+    teacher, *arms = suite_units(cfg, seeds=[0], root=tmp_path / "suite", jobs=1)
+    assert teacher.kind == "teacher" and not teacher.beside and not any(arm.cfg.await_teacher for arm in arms)
+    ready = tiny(teacher_file, tmp_path)
+    assert [unit.kind for unit in suite_units(ready, seeds=[0], root=tmp_path / "suite", jobs=3)] == [
+        "federated", "central", "central", "central"]
+
+
+@dataclass(frozen=True)
+class Sleeper:
+    """A stand-in for a suite unit: a process that sleeps."""
+
+    name: str
+    seconds: float
+    beside: bool = False
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", f"import time; time.sleep({self.seconds})"]
+
+    def log_path(self, root: Path) -> Path:
+        return root / f"{self.name}.log"
+
+
+def test_a_unit_beside_the_others_takes_none_of_their_places(tmp_path: Path) -> None:
+    done = run_units([Sleeper("teacher", 3.0, beside=True), Sleeper("a", 1.5), Sleeper("b", 0.1)], tmp_path,
+                     jobs=1, echo=False)
+    assert done["a"]["start_s"] < done["teacher"]["seconds"]  # started beside the teacher
+    assert done["b"]["start_s"] >= done["a"]["start_s"] + done["a"]["seconds"] - 0.5  # one place: after a
+
+
 @needs_fashion
 def test_an_arm_that_fails_stops_the_suite_with_its_own_error_line(tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "t.pt", tmp_path, train_limit=4, num_clients=5, random_teacher=True)
-    units = [unit for unit in suite_units(cfg, seeds=[0], root=tmp_path / "suite") if unit.central][:2]
+    units = [unit for unit in suite_units(cfg, seeds=[0], root=tmp_path / "suite") if unit.kind == "central"][:2]
     with pytest.raises(RuntimeFailure) as failure:
         run_units(units, tmp_path / "suite", jobs=2, echo=False)
     message = str(failure.value)
@@ -141,12 +188,12 @@ def test_an_arm_that_fails_stops_the_suite_with_its_own_error_line(tmp_path: Pat
 
 @pytest.mark.slow
 @needs_fashion
-def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, teacher_file: Path,
+def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     mark = uuid.uuid4().hex
     monkeypatch.setenv(MARK, mark)  # every process of the run inherits it
-    teacher_bytes = teacher_file.read_bytes()
-    cfg = tiny(teacher_file, tmp_path, rounds=2, fusion_start_round=1)
+    teacher_file = tmp_path / "teacher.pt"  # missing: the suite pretrains it
+    cfg = tiny(teacher_file, tmp_path, rounds=2, fusion_start_round=1, teacher_epochs=1)
     report = run_suite(cfg, seeds=[0], root=tmp_path / "suite", echo=False, jobs=2)
 
     runs = {arm: tmp_path / "suite" / "seed0" / arm for arm in ARMS}
@@ -171,21 +218,25 @@ def test_the_suite_runs_six_arms_on_the_same_budget_and_reports(tmp_path: Path, 
     assert [line.split("Results: ")[1].strip() for line in flower_log.splitlines() if "Results: " in line] == [
         str(runs[arm]) for arm in ("fedavg", "fedavg_mergenet", "fedavg_placebo")]
 
-    # The teacher never changes: file untouched, and the run recorded its checksum. The placebo
-    # arms fused from the same checkpoint with its fc.weight shuffled.
-    assert teacher_file.read_bytes() == teacher_bytes
+    # One teacher for every arm, pretrained beside them: each fusing arm recorded the checksum of
+    # the checkpoint there now. The placebo arms fused from it with its fc.weight shuffled.
     weights = torch.load(teacher_file, weights_only=True)["state_dict"]
     assert summaries["fedavg_mergenet"]["teacher"]["sha256"] == state_checksum(weights)
+    assert summaries["central_mergenet"]["teacher"]["sha256"] == state_checksum(weights)
     for arm in ("central_placebo", "fedavg_placebo"):
         assert summaries[arm]["teacher"]["source"] == "placebo"
         assert summaries[arm]["teacher"]["sha256"] != state_checksum(weights)
 
-    # Two at a time: the central arms ran while the federated run did, each with its own log.
+    # Two at a time, the teacher beside them: the central arms ran while the federated run did,
+    # which started before the teacher was saved; each unit wrote its own log.
     timing = json.loads((tmp_path / "suite" / "timing.json").read_text())
     units = timing["units"]
-    assert timing["jobs"] == 2 and set(units) == {f"seed0/{arm}" for arm in
-                                                  ("federated", "central", "central_mergenet", "central_placebo")}
+    assert timing["jobs"] == 2 and set(units) == {"teacher"} | {f"seed0/{arm}" for arm in
+                                                                ("federated", "central", "central_mergenet",
+                                                                 "central_placebo")}
+    assert units["seed0/federated"]["start_s"] < units["teacher"]["seconds"]
     assert units["seed0/central"]["start_s"] < units["seed0/federated"]["seconds"]
+    assert "teacher saved to" in (tmp_path / "suite" / "teacher.log").read_text()
     assert "Results: " in (tmp_path / "suite" / "seed0" / "federated.log").read_text()
 
     assert report.name == "report.md" and report.is_file()

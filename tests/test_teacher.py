@@ -5,6 +5,7 @@ One 10-class ResNet50 checkpoint (~95 MB) is written once for the module and sha
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from fedmergenet.errors import CheckpointError
 from fedmergenet.models import build_teacher, state_checksum
 from fedmergenet.models import TEACHER_LAYER
-from fedmergenet.teacher import load_teacher, placebo_teacher, save_teacher
+from fedmergenet.teacher import load_teacher, placebo_teacher, save_teacher, teacher_for_run
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,35 @@ def test_the_placebo_teacher_shuffles_only_the_fused_matrix(saved):
     assert placebo_info.source == "placebo" and placebo_info.sha256 == state_checksum(shuffled)
     assert torch.equal(placebo_teacher(model, info, seed=3)[0].state_dict()[TEACHER_LAYER], control)
     assert not any(p.requires_grad for p in placebo.parameters())
+
+
+def test_arms_awaiting_their_teacher_start_without_it_and_load_it_once_saved(saved, tmp_path):
+    """--await-teacher (the suite's arms, started beside the teacher's pretraining): the checks
+    before the first arm pass over the missing checkpoint, nobody else pretrains it, and the
+    arm that fuses waits for it as it loads it."""
+    from fedmergenet.config import RunConfig
+    from fedmergenet.experiments.pretrain import ensure_teacher
+    from fedmergenet.flower.server_app import check_arms
+
+    source, model = saved
+    path = tmp_path / "teacher.pt"
+    cfg = RunConfig(dataset="fashion-mnist", teacher_checkpoint=str(path), fusion_arms="plain mergenet placebo",
+                    await_teacher=True)
+    assert cfg.teacher_pending and not cfg.replace(await_teacher=False).teacher_pending
+    check_arms(cfg.arm_runs())
+    assert ensure_teacher(cfg, echo=False) == path and not path.is_file()
+
+    mergenet = cfg.arm_runs()[1]
+    def save() -> None:  # as save_teacher does: the file appears whole
+        partial = tmp_path / "partial"
+        partial.write_bytes(source.read_bytes())
+        partial.replace(path)
+
+    timer = threading.Timer(0.5, save)
+    timer.start()
+    try:
+        _, info = teacher_for_run(path=mergenet.teacher_path(), dataset="fashion-mnist", num_classes=10,
+                                  random=False, placebo=False, seed=0, wait=mergenet.await_teacher)
+    finally:
+        timer.cancel()
+    assert info.sha256 == state_checksum(model.state_dict()) and not cfg.teacher_pending

@@ -138,7 +138,8 @@ def run_central(cfg: RunConfig, mergenet: bool, cotrain_teacher: bool = False, e
 def _fusion_hooks(cfg: RunConfig, model: torch.nn.Module, num_classes: int, total_steps: int, cotrain: bool,
                   device: torch.device) -> tuple[FusionHooks, dict]:
     teacher, info = teacher_for_run(path=cfg.teacher_path(), dataset=cfg.dataset, num_classes=num_classes,
-                                    random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
+                                    random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed,
+                                    wait=cfg.await_teacher)
     layer = dict(model.named_parameters())[STUDENT_LAYER]
     unit = KnowledgeFusionUnit(teacher.state_dict()[TEACHER_LAYER], tuple(layer.shape), cfg.adapter(),
                                total_updates=max(1, total_steps // cfg.fusion_batches), device=cfg.server_device,

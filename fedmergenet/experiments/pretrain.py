@@ -73,9 +73,10 @@ def pretrain_teacher(cfg: RunConfig, path: Path | None = None, echo: bool = True
 
 
 def ensure_teacher(cfg: RunConfig, echo: bool = True) -> Path:
-    """The checkpoint the runs need: created when missing, and the user is told so."""
+    """The checkpoint the runs need: created when missing, and the user is told so; left to
+    the process pretraining it with --await-teacher (the run waits for it as it loads it)."""
     path = cfg.teacher_path()
-    if cfg.random_teacher or path.is_file():
+    if cfg.random_teacher or path.is_file() or cfg.await_teacher:
         return path
     if echo:
         print(f"teacher checkpoint {path} is missing: pretraining it now ({cfg.teacher_epochs} epoch(s) "

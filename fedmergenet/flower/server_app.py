@@ -102,7 +102,7 @@ class FederatedRun:
         if cfg.fusion:
             self.teacher, self.teacher_info = teacher_for_run(
                 path=cfg.teacher_path(), dataset=cfg.dataset, num_classes=self.num_classes,
-                random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed)
+                random=cfg.random_teacher, placebo=cfg.placebo_teacher, seed=cfg.seed, wait=cfg.await_teacher)
         self.test_loader = test_loader(cfg, self.device)
         self.student = initial_student(cfg)
         self.evaluated = new_student(cfg, self.device)  # each round's global model, evaluated where it lives
@@ -366,11 +366,12 @@ def main(grid: Grid, context: Context) -> None:
 
 def check_arms(arms: list[RunConfig]) -> None:
     """Every arm's options and teacher checkpoint before the first arm trains: a bad value for
-    a later arm must not cost the arms before it (each arm loads its teacher again as it starts)."""
+    a later arm must not cost the arms before it (each arm loads its teacher again as it starts;
+    one still being pretrained is checked then)."""
     teachers: dict[Path, RunConfig] = {}
     for arm in arms:
         validate(arm)
-        if arm.fusion and not arm.random_teacher:
+        if arm.fusion and not arm.random_teacher and not arm.teacher_pending:
             teachers[arm.teacher_path()] = arm
     for path, arm in teachers.items():
         load_teacher(path, dataset=arm.dataset, num_classes=train_set(arm).num_classes)

@@ -8,8 +8,11 @@ beats its placebo beyond the 95 % confidence interval of the paired gaps over se
 The arms are independent once the teacher exists, so the suite runs them as separate
 processes of the runner script, ``jobs`` at a time: one at a time they take this terminal,
 side by side each writes its own log (on a GPU that overlaps start-ups and evaluation; one
-arm's recorded training step already keeps the card busy). How the wall time split goes to
-``<root>/timing.json``.
+arm's recorded training step already keeps the card busy). A missing teacher is pretrained
+first, one at a time; side by side, beside the first arms, which wait for it only when they
+load it: a federated run's plain FedAvg arm comes first and needs none, and its start-up
+(Ray, the actors, their first CUDA work) leaves the card to the teacher. How the wall time
+split goes to ``<root>/timing.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..checks import check_run
 from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags, validate
 from ..errors import ConfigError
 from ..experiments.estimate import Estimate, estimate_suite
-from ..experiments.pretrain import ensure_teacher, teacher_data_config
+from ..experiments.pretrain import teacher_data_config
 from . import processes
 
 RUNNER = PROJECT_ROOT / "run_federated_mergenet.py"
@@ -34,37 +37,51 @@ RUNNER = PROJECT_ROOT / "run_federated_mergenet.py"
 
 @dataclass(frozen=True)
 class Unit:
-    """One independent piece of the suite: a central arm, or a seed's three federated arms one
-    after another in one Flower run (one simulation start-up, not three)."""
+    """One independent piece of the suite: the teacher's pretraining, a central arm, or a seed's
+    three federated arms one after another in one Flower run (one simulation start-up, not three)."""
 
-    name: str  # seed0/central_mergenet, seed0/federated
+    name: str  # teacher, seed0/federated, seed0/central_mergenet
     cfg: RunConfig
-    central: bool
+    kind: str  # "teacher", "federated" or "central"
     cotrain_teacher: bool = False
+    beside: bool = False  # runs beside the others, not in one of the ``jobs`` places
 
     def command(self) -> list[str]:
         """The runner's command line that runs this unit: the suite's arms are the runner's."""
-        mode = ["--central"] + (["--cotrain-teacher"] if self.cotrain_teacher else []) if self.central else []
+        mode = {"teacher": ["--pretrain-teacher"], "federated": [],
+                "central": ["--central"] + (["--cotrain-teacher"] if self.cotrain_teacher else [])}[self.kind]
         return [sys.executable, str(RUNNER), *mode, *to_flags(self.cfg)]
 
     def log_path(self, root: Path) -> Path:
         return root / f"{self.name}.log"
 
+    def describe(self) -> str:
+        if self.kind == "teacher":
+            return (f"teacher: pretraining the missing {self.cfg.teacher_path()} ({self.cfg.teacher_epochs} "
+                    f"epoch(s) on {self.cfg.dataset})" + (", beside the arms" if self.beside else ""))
+        return f"{self.name} -> {self.cfg.output_dir}"
 
-def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False) -> list[Unit]:
-    """Every seed's federated run, then every seed's three central arms: longest first, so that
-    units side by side end together instead of the last seed's federated run (three arms long)
-    starting when the others are nearly done and running on alone."""
+
+def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False,
+                jobs: int = 1) -> list[Unit]:
+    """A missing teacher's pretraining, every seed's federated run, then every seed's three
+    central arms: longest first, so that units side by side end together instead of the last
+    seed's federated run (three arms long) starting when the others are nearly done and running
+    on alone. Side by side the teacher runs beside the first ``jobs`` arms, which wait for it."""
+    teacher = []
+    if not cfg.random_teacher and not cfg.teacher_path().is_file():
+        teacher = [Unit("teacher", cfg, "teacher", beside=jobs > 1)]
+        cfg = cfg.replace(await_teacher=jobs > 1)
     federated, central = [], []
     for seed in seeds:
         folder = root / f"seed{seed}"
         arms = cfg.replace(seed=seed, output_dir=str(folder), fusion_arms=" ".join(FUSION_ARMS))
-        federated.append(Unit(f"seed{seed}/federated", arms, central=False))
+        federated.append(Unit(f"seed{seed}/federated", arms, "federated"))
         for name in FUSION_ARMS:
             arm = cfg.replace(seed=seed).with_fusion_arm(name)
             arm = arm.replace(output_dir=str(folder / arm.central_arm))
-            central.append(Unit(f"seed{seed}/{arm.central_arm}", arm, central=True, cotrain_teacher=cotrain_teacher))
-    return federated + central
+            central.append(Unit(f"seed{seed}/{arm.central_arm}", arm, "central", cotrain_teacher=cotrain_teacher))
+    return teacher + federated + central
 
 
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
@@ -82,11 +99,10 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
         side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
         print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
     start = time.monotonic()
-    ensure_teacher(cfg, echo=echo)  # one teacher for every arm and seed: the comparison's constant
-    timing = {"jobs": jobs, "teacher_s": time.monotonic() - start}
-    units = suite_units(cfg, seeds, root, cotrain_teacher)  # the runner's processes share this folder
-    timing["units"] = run_units(units, root, jobs, echo)
-    timing["total_s"] = time.monotonic() - start
+    # One teacher for every arm and seed (the comparison's constant); the runner's processes
+    # share this folder.
+    units = suite_units(cfg, seeds, root, cotrain_teacher, jobs)
+    timing = {"jobs": jobs, "units": run_units(units, root, jobs, echo), "total_s": time.monotonic() - start}
     write_text(root / "timing.json", json.dumps(timing, indent=1) + "\n")
     if echo:
         print(describe_timing(timing), flush=True)
@@ -101,8 +117,9 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
 
 
 def run_units(units: list[Unit], root: Path, jobs: int, echo: bool) -> dict[str, dict[str, float]]:
-    """Run the units ``jobs`` at a time, in order; the first that fails stops the others.
-    Returns each unit's start (from the first start) and wall seconds."""
+    """Run the units ``jobs`` at a time (those ``beside`` the others in addition), in order; the
+    first that fails stops the others. Returns each unit's start (from the first start) and
+    wall seconds."""
     # Side by side, the cores are shared out: torch would otherwise give every process all of them.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {})
@@ -110,11 +127,11 @@ def run_units(units: list[Unit], root: Path, jobs: int, echo: bool) -> dict[str,
     first = time.monotonic()
     with processes.managed() as children:
         while pending or running:
-            while pending and len(running) < jobs:
+            while pending and (pending[0].beside or sum(not u.beside for u, _, _ in running.values()) < jobs):
                 unit = pending.pop(0)
                 log = unit.log_path(root) if jobs > 1 or not echo else None  # None: this terminal
                 if echo:
-                    print(f"\n=== {unit.name} -> {unit.cfg.output_dir}" + (f" (log: {log})" if log else ""), flush=True)
+                    print(f"\n=== {unit.describe()}" + (f" (log: {log})" if log else ""), flush=True)
                 running[unit.name] = (unit, children.start(unit.command(), log, env), time.monotonic())
             time.sleep(0.2)
             for unit, process, started in list(running.values()):
@@ -139,14 +156,14 @@ def last_line(log: Path) -> str:
 
 
 def describe_timing(timing: dict) -> str:
-    """How the suite's wall time split: teacher, then the arms (central and federated summed)."""
+    """How the suite's wall time split: the teacher's pretraining, and the arms' process time
+    (central and federated summed)."""
     units = timing["units"]
-    central = sum(u["seconds"] for name, u in units.items() if not name.endswith("/federated"))
     federated = sum(u["seconds"] for name, u in units.items() if name.endswith("/federated"))
-    arms = timing["total_s"] - timing["teacher_s"]
-    return (f"\nsuite: {timing['total_s']:.0f} s wall = teacher {timing['teacher_s']:.0f} s + arms {arms:.0f} s "
-            f"({timing['jobs']} at a time; central arms {central:.0f} s and federated runs {federated:.0f} s of "
-            f"process time)")
+    central = sum(u["seconds"] for name, u in units.items() if name != "teacher") - federated
+    teacher = f"teacher pretrained in {units['teacher']['seconds']:.0f} s; " if "teacher" in units else ""
+    return (f"\nsuite: {timing['total_s']:.0f} s wall, {timing['jobs']} at a time; {teacher}process time of the "
+            f"federated runs {federated:.0f} s and of the central arms {central:.0f} s")
 
 
 def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
