@@ -368,6 +368,20 @@ def test_every_door_of_the_runner_refuses_an_unwritable_output_with_one_line(
     assert len(errors) == 1 and "not writable" in errors[0], errors
 
 
+def test_the_suite_refuses_a_teacher_it_could_not_save_before_any_arm_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its arms would start beside the teacher's pretraining: the folder is checked first."""
+    from fedmergenet.cli import runner_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert runner_main(["--suite", "--jobs", "2", "--teacher-checkpoint", str(blocker / "teacher.pt"),
+                        "--results-root", str(tmp_path / "s")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: teacher checkpoint folder {blocker} is not writable (File exists)"], errors
+    assert not list((tmp_path / "s").iterdir())
+
+
 def test_the_suite_refuses_fewer_than_one_job_before_any_work(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from fedmergenet.cli import runner_main

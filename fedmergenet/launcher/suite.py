@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
-from ..checks import check_run
+from ..checks import check_run, writable_dir
 from ..config import FUSION_ARMS, PROJECT_ROOT, RunConfig, to_flags, validate
 from ..errors import ConfigError
 from ..experiments.estimate import Estimate, estimate_suite
@@ -62,6 +62,11 @@ class Unit:
         return f"{self.name} -> {self.cfg.output_dir}"
 
 
+def must_pretrain(cfg: RunConfig) -> bool:
+    """The suite's teacher checkpoint is missing: the suite pretrains it."""
+    return not cfg.random_teacher and not cfg.teacher_path().is_file()
+
+
 def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False,
                 jobs: int = 1) -> list[Unit]:
     """A missing teacher's pretraining, every seed's federated run, then every seed's three
@@ -69,7 +74,7 @@ def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: b
     seed's federated run (three arms long) starting when the others are nearly done and running
     on alone. Side by side the teacher runs beside the first ``jobs`` arms, which wait for it."""
     teacher = []
-    if not cfg.random_teacher and not cfg.teacher_path().is_file():
+    if must_pretrain(cfg):
         teacher = [Unit("teacher", cfg, "teacher", beside=jobs > 1)]
         cfg = cfg.replace(await_teacher=jobs > 1)
     federated, central = [], []
@@ -95,6 +100,8 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     for seed in seeds:
         validate(cfg.replace(seed=seed))  # each seed's runs, checked before any of them starts
     cfg = check_run(cfg, root, teacher=False)  # the teacher may still have to be pretrained
+    if must_pretrain(cfg):  # before arms start beside its pretraining
+        writable_dir(cfg.teacher_path().parent, "teacher checkpoint folder")
     if echo:
         side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
         print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
@@ -171,7 +178,7 @@ def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
     from ..experiments.baseline import union_of_client_data
 
     teacher_images = 0
-    if not cfg.random_teacher and not cfg.teacher_path().is_file():
+    if must_pretrain(cfg):
         teacher_images = len(train_set(teacher_data_config(cfg)))
     return estimate_suite(cfg, seeds, train_images=len(union_of_client_data(cfg)), test_images=len(test_set(cfg)),
                           num_classes=train_set(cfg).num_classes, teacher_images=teacher_images)
