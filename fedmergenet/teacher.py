@@ -19,14 +19,25 @@ from .atomic import save_torch
 from .errors import CheckpointError
 from .models import TEACHER_LAYER, ResNet50, build_teacher, state_checksum
 
-# The preset whose teacher recipe fits each dataset (config/<preset>.toml).
+# The preset whose teacher recipe fits each dataset's default checkpoint (config/<preset>.toml).
 TEACHER_PRESETS = {"fashion-mnist": "quick", "cifar100": "paper"}
 
 
 def pretrain_hint(path: Path, dataset: str) -> str:
     """The command that makes the missing teacher, from the project folder."""
     return (f"make one with: python run_federated_mergenet.py --pretrain-teacher --preset "
-            f"{TEACHER_PRESETS.get(dataset, 'paper')} --teacher-checkpoint {path}")
+            f"{teacher_preset(path, dataset)} --teacher-checkpoint {path}")
+
+
+def teacher_preset(path: Path, dataset: str) -> str:
+    """The preset whose teacher recipe makes this checkpoint: the one that names its file, else the dataset's."""
+    from .config import preset_names, read_preset
+
+    for name in preset_names():
+        named = read_preset(name).get("teacher_checkpoint")
+        if named and Path(named).name == path.name:
+            return name
+    return TEACHER_PRESETS.get(dataset, "paper")
 
 
 @dataclass(frozen=True)
