@@ -27,7 +27,8 @@ import pytest
 from fedmergenet.errors import UserError
 from fedmergenet.report import write_report
 from fedmergenet.report.figures import FIGURES
-from fedmergenet.report.numbers import arm_table, differing_settings, epochs_to_reach, thresholds
+from fedmergenet.report.markdown import teacher_markdown
+from fedmergenet.report.numbers import arm_table, differing_settings, epochs_to_reach, teachers_used, thresholds
 from fedmergenet.report.runs import discover_runs, group_by_arm
 from fedmergenet.report.verdict import conclusion, t_975
 from fedmergenet.results import RunResult, append_metrics, known_arm, write_summary
@@ -72,8 +73,8 @@ def summary_for(arm: str, seed: int, top1: list[float]) -> dict:
                "best_top5": min(1.0, max(top1) + 0.2), "final_top5": min(1.0, top1[-1] + 0.2),
                "wall_time_s": 40.0, "status": "completed", "run_name": f"{arm}_s{seed}"}
     if arm.endswith("mergenet"):
-        summary["teacher"] = {"source": "checkpoint", "path": "checkpoints/resnet50.pt",
-                              "sha256": "0" * 64}
+        summary["teacher"] = {"source": "checkpoint", "path": "checkpoints/resnet50.pt", "epochs": 200,
+                              "test_top1": 0.77, "sha256": "0" * 64}
     if federated:
         summary.update(bytes_total=6000, bytes_per_round=1500,
                        fusion_rounds=2 if arm.endswith("mergenet") else 0)
@@ -359,6 +360,27 @@ def test_report_writes_json_and_csv(report) -> None:
     csv_lines = (report.path.parent / "comparison.csv").read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("arm,n_seeds,seeds,best_top1")
     assert len(csv_lines) == 5
+
+
+def test_the_report_names_the_teacher_the_arms_fused_from(report) -> None:
+    text = report.path.read_text(encoding="utf-8")
+    assert ("- `checkpoints/resnet50.pt`: pretrained for 200 epoch(s), test top-1 77.00 %: central_mergenet, "
+            "fedavg_mergenet") in text
+    assert "not about one teacher" not in text
+    data = json.loads((report.path.parent / "comparison.json").read_text(encoding="utf-8"))
+    assert data["teachers"] == [{"source": "checkpoint", "path": "checkpoints/resnet50.pt", "epochs": 200,
+                                 "test_top1": 0.77, "arms": ["central_mergenet", "fedavg_mergenet"]}]
+
+
+def test_arms_that_fused_from_different_teachers_are_told_apart() -> None:
+    runs = all_runs()
+    weaker = next(r for r in runs if (r.arm, r.seed) == ("central_mergenet", 0))
+    weaker.summary["teacher"] = {**weaker.summary["teacher"], "epochs": 1, "test_top1": 0.65}
+    teachers = teachers_used(runs)
+    assert [(t["epochs"], t["arms"]) for t in teachers] == [(1, ["central_mergenet"]),
+                                                           (200, ["central_mergenet", "fedavg_mergenet"])]
+    assert "a gap between them is not about one teacher" in teacher_markdown(teachers)
+    assert teacher_markdown(teachers_used([r for r in runs if not r.arm.endswith("mergenet")])) == "No arm fused."
 
 
 @pytest.mark.parametrize("name", FIGURES)

@@ -19,7 +19,7 @@ from fedmergenet.results import METRICS_FILE, SUMMARY_FILE
 
 from .figures import write_figures
 from .markdown import comparison_csv, render_markdown
-from .numbers import Comparison, arm_table, differing_settings
+from .numbers import Comparison, arm_table, differing_settings, teachers_used
 from .runs import discover_runs, group_by_arm
 from .verdict import conclusion
 
@@ -47,6 +47,7 @@ def write_report(paths: Sequence[Path], out_dir: Path) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_figures(group_by_arm(runs), table, out_dir)
     data = {**table.as_dict(), "conclusion": verdict, "differing_settings": differing_settings(runs),
+            "teachers": teachers_used(runs),
             "runs": [str(r.path) for r in runs], "skipped": [[str(p), why] for p, why in skipped]}
     write_text(out_dir / "comparison.json", json.dumps(data, indent=2, default=str) + "\n")
     write_text(out_dir / "comparison.csv", comparison_csv(table))

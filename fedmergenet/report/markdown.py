@@ -6,13 +6,13 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fedmergenet.results import (
     RunResult,
 )
 
-from .numbers import NA, Comparison, differing_settings
+from .numbers import NA, Comparison, differing_settings, teachers_used
 from .runs import arm_order, duplicate_seeds
 
 
@@ -60,6 +60,24 @@ def cost_markdown(table: Comparison) -> str:
     return _markdown_table(header, rows)
 
 
+def teacher_markdown(teachers: Sequence[dict[str, Any]]) -> str:
+    """What each fusing arm fused from, as the checkpoint recorded it."""
+    if not teachers:
+        return "No arm fused."
+    lines = []
+    for t in teachers:
+        arms = ", ".join(t["arms"])
+        if t["source"] == "random":
+            lines.append(f"- an untrained stand-in (`--random-teacher`), a smoke test with no knowledge to transfer: {arms}")
+            continue
+        epochs = NA if t["epochs"] is None else f"{t['epochs']} epoch(s)"
+        lines.append(f"- `{t['path']}`: pretrained for {epochs}, test top-1 {_pct(t['test_top1'])} %: {arms}")
+    note = ("\n\nThe arms fused from different teachers: a gap between them is not about one teacher."
+            if len(teachers) > 1 else "")
+    return ("The teacher checkpoint each fusing arm fused from, as the checkpoint recorded it (a placebo arm "
+            "fused from the same one with its `fc.weight` shuffled):\n\n" + "\n".join(lines) + note)
+
+
 def runs_markdown(runs: Sequence[RunResult]) -> str:
     rows = [[r.arm, str(r.seed), _pct(r.summary["best_top1"]), _pct(r.summary["final_top1"]),
              str(r.summary.get("status", NA)), str(r.path)]
@@ -88,6 +106,8 @@ def render_markdown(runs: Sequence[RunResult], skipped: Sequence[tuple[Path, str
         "## Cost",
         "Means over seeds; n/a where a run did not record the value.",
         cost_markdown(table),
+        "## Teacher",
+        teacher_markdown(teachers_used(runs)),
         "## Figures",
         "![Test top-1 vs epoch-equivalents](top1_vs_epochs.png)",
         "![Test loss vs epoch-equivalents](loss_vs_epochs.png)",

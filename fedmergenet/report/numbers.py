@@ -73,6 +73,24 @@ def _teacher_source(runs: Sequence[RunResult]) -> str:
     return "/".join(sources) if sources else NA
 
 
+def teachers_used(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Each teacher the arms fused from, as its checkpoint recorded it (a placebo arm's is the
+    checkpoint it shuffled), and the arms that used it: a gap between arms is only about the
+    teacher they fused from."""
+    used: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        teacher = run.summary.get("teacher")
+        if not isinstance(teacher, dict) or teacher.get("source") in (None, "none"):
+            continue  # an arm that does not fuse
+        source = "random" if teacher.get("source") == "random" else "checkpoint"
+        fields = {"source": source, "path": teacher.get("path"), "epochs": teacher.get("epochs"),
+                  "test_top1": teacher.get("test_top1")}
+        entry = used.setdefault(tuple(fields.values()), {**fields, "arms": []})
+        if run.arm not in entry["arms"]:
+            entry["arms"].append(run.arm)
+    return list(used.values())
+
+
 @dataclass
 class ArmStats:
     """One arm's numbers over its seeds (accuracies as fractions, None where unknown)."""
