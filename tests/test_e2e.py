@@ -145,6 +145,7 @@ def test_a_missing_teacher_is_pretrained_first_and_side_by_side_beside_the_arms(
     assert args.pretrain_teacher and config_from_args(args) == cfg
     assert [arm.kind for arm in arms] == ["federated", "central", "central", "central"]
     assert all(arm.cfg.await_teacher and not arm.beside for arm in arms)
+    assert all(config_from_args(runner_parser().parse_args(arm.command()[2:])) == arm.cfg for arm in arms)
 
     teacher, *arms = suite_units(cfg, seeds=[0], root=tmp_path / "suite", jobs=1)
     assert teacher.kind == "teacher" and not teacher.beside and not any(arm.cfg.await_teacher for arm in arms)
