@@ -92,6 +92,7 @@ def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: b
 def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite"), cotrain_teacher: bool = False,
               compare: bool = True, echo: bool = True, jobs: int = 1) -> Path:
     """Run every arm for every seed under ``root/seed<k>/<arm>``; returns the report folder."""
+    began = time.monotonic()  # the command's clock: its checks and estimate count too
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs})")
     if len(set(seeds)) != len(seeds):
@@ -105,11 +106,12 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     if echo:
         side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
         print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
-    start = time.monotonic()
     # One teacher for every arm and seed (the comparison's constant); the runner's processes
     # share this folder.
     units = suite_units(cfg, seeds, root, cotrain_teacher, jobs)
-    timing = {"jobs": jobs, "units": run_units(units, root, jobs, echo), "total_s": time.monotonic() - start}
+    timing = {"jobs": jobs, "before_units_s": time.monotonic() - began}
+    timing["units"] = run_units(units, root, jobs, echo, since=began)
+    timing["total_s"] = time.monotonic() - began
     write_text(root / "timing.json", json.dumps(timing, indent=1) + "\n")
     if echo:
         print(describe_timing(timing), flush=True)
@@ -123,22 +125,25 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     return report.path
 
 
-def run_units(units: list[Unit], root: Path, jobs: int, echo: bool) -> dict[str, dict[str, float]]:
+def run_units(units: list[Unit], root: Path, jobs: int, echo: bool,
+              since: float | None = None) -> dict[str, dict[str, float]]:
     """Run the units ``jobs`` at a time (those ``beside`` the others in addition), in order; the
-    first that fails stops the others. Returns each unit's start (from the first start) and
-    wall seconds."""
+    first that fails stops the others. Returns each unit's start and wall seconds; starts and
+    the lines it prints count from ``since`` (``time.monotonic()``; default: the first start),
+    so that a suite stopped before its end still tells from its log how its time went."""
     # Side by side, the cores are shared out: torch would otherwise give every process all of them.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {})
     pending, running, done = list(units), {}, {}
-    first = time.monotonic()
+    first = time.monotonic() if since is None else since
     with processes.managed() as children:
         while pending or running:
             while pending and (pending[0].beside or sum(not u.beside for u, _, _ in running.values()) < jobs):
                 unit = pending.pop(0)
                 log = unit.log_path(root) if jobs > 1 or not echo else None  # None: this terminal
                 if echo:
-                    print(f"\n=== {unit.describe()}" + (f" (log: {log})" if log else ""), flush=True)
+                    print(f"\n=== {unit.describe()}" + (f" (log: {log})" if log else "")
+                          + f" at {time.monotonic() - first:.0f} s", flush=True)
                 running[unit.name] = (unit, children.start(unit.command(), log, env), time.monotonic())
             time.sleep(0.2)
             for unit, process, started in list(running.values()):
@@ -150,7 +155,8 @@ def run_units(units: list[Unit], root: Path, jobs: int, echo: bool) -> dict[str,
                                                    f"{last_line(unit.log_path(root))}")
                 done[unit.name] = {"start_s": started - first, "seconds": time.monotonic() - started}
                 if echo and jobs > 1:
-                    print(f"=== {unit.name} done in {done[unit.name]['seconds']:.0f} s", flush=True)
+                    print(f"=== {unit.name} done in {done[unit.name]['seconds']:.0f} s "
+                          f"(at {time.monotonic() - first:.0f} s)", flush=True)
     return done
 
 
@@ -169,8 +175,9 @@ def describe_timing(timing: dict) -> str:
     federated = sum(u["seconds"] for name, u in units.items() if name.endswith("/federated"))
     central = sum(u["seconds"] for name, u in units.items() if name != "teacher") - federated
     teacher = f"teacher pretrained in {units['teacher']['seconds']:.0f} s; " if "teacher" in units else ""
-    return (f"\nsuite: {timing['total_s']:.0f} s wall, {timing['jobs']} at a time; {teacher}process time of the "
-            f"federated runs {federated:.0f} s and of the central arms {central:.0f} s")
+    return (f"\nsuite: {timing['total_s']:.0f} s wall, {timing['jobs']} at a time (checks and estimate "
+            f"{timing['before_units_s']:.0f} s); {teacher}process time of the federated runs {federated:.0f} s "
+            f"and of the central arms {central:.0f} s")
 
 
 def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
