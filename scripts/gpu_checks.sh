@@ -107,6 +107,8 @@ if [ "${SUITE:-1}" != 0 ]; then
     timeout -k "$KILL_AFTER" "$SUITE_SECONDS" python3 run_federated_mergenet.py --suite --preset gpu --seeds 0 --jobs 3 \
         --results-root results/gpu-checks "${MPS_FLAG[@]}" "$@" > "$LOGS/suite.log" 2>&1
     step "suite: exit $? (124: stopped after $SUITE_SECONDS s; 137: killed $KILL_AFTER s after that)"
+    # Its estimate and when each unit started and ended (on the command's clock), for a stopped suite too.
+    grep -E '^(estimated time|=== |suite: )' "$LOGS/suite.log" | sed 's/^/    /' | tee -a "$OUT_DIR/steps.txt"
     python3 - results/gpu-checks <<'PY' | tee "$OUT_DIR/rounds.txt"
 import sys
 from pathlib import Path
