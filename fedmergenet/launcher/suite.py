@@ -104,7 +104,8 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     if must_pretrain(cfg):  # before arms start beside its pretraining
         writable_dir(cfg.teacher_path().parent, "teacher checkpoint folder")
     if echo:
-        side = f" (one arm at a time: {jobs} side by side take less)" if jobs > 1 else ""
+        beside = ", the teacher's pretraining beside them" if must_pretrain(cfg) else ""
+        side = f" (one arm at a time: {jobs} side by side take less{beside})" if jobs > 1 else ""
         print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
     # One teacher for every arm and seed (the comparison's constant); the runner's processes
     # share this folder.
