@@ -158,7 +158,8 @@ def test_arms_awaiting_their_teacher_start_without_it_and_load_it_once_saved(sav
 def test_a_presets_own_missing_teacher_is_made_with_that_presets_recipe(tmp_path):
     """The gpu preset names its own checkpoint (its teacher is not the quick preset's): the hint
     for it pretrains with --preset gpu, and the dataset's default checkpoint with quick."""
-    for name, preset in (("teacher_resnet50_fashion-mnist_gpu.pt", "gpu"), ("teacher_resnet50_fashion-mnist.pt", "quick")):
+    for name, preset in (("teacher_resnet50_fashion-mnist_gpu.pt", "gpu"),
+                         ("teacher_resnet50_fashion-mnist.pt", "quick")):
         with pytest.raises(CheckpointError) as exc:
             load_teacher(tmp_path / name, dataset="fashion-mnist", num_classes=10)
         assert f"--preset {preset} --teacher-checkpoint {tmp_path / name}" in str(exc.value)

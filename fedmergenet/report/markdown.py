@@ -68,7 +68,8 @@ def teacher_markdown(teachers: Sequence[dict[str, Any]]) -> str:
     for t in teachers:
         arms = ", ".join(t["arms"])
         if t["source"] == "random":
-            lines.append(f"- an untrained stand-in (`--random-teacher`), a smoke test with no knowledge to transfer: {arms}")
+            lines.append(f"- an untrained stand-in (`--random-teacher`), a smoke test with no knowledge to "
+                         f"transfer: {arms}")
             continue
         epochs = NA if t["epochs"] is None else f"{t['epochs']} epoch(s)"
         lines.append(f"- `{t['path']}`: pretrained for {epochs}, test top-1 {_pct(t['test_top1'])} %: {arms}")

@@ -75,8 +75,8 @@ def _teacher_source(runs: Sequence[RunResult]) -> str:
 
 def teachers_used(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """Each teacher the arms fused from, as its checkpoint recorded it (a placebo arm's is the
-    checkpoint it shuffled), and the arms that used it: a gap between arms is only about the
-    teacher they fused from."""
+    checkpoint it shuffled), and the arms that used it: what a gap between two arms says about
+    a teacher depends on which one they fused from."""
     used: dict[tuple, dict[str, Any]] = {}
     for run in runs:
         teacher = run.summary.get("teacher")
