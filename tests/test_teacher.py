@@ -6,6 +6,7 @@ One 10-class ResNet50 checkpoint (~95 MB) is written once for the module and sha
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -139,20 +140,22 @@ def test_arms_awaiting_their_teacher_start_without_it_and_load_it_once_saved(sav
     check_arms(cfg.arm_runs())
     assert ensure_teacher(cfg, echo=False) == path and not path.is_file()
 
-    mergenet = cfg.arm_runs()[1]
-    def save() -> None:  # as save_teacher does: the file appears whole
-        partial = tmp_path / "partial"
-        partial.write_bytes(source.read_bytes())
-        partial.replace(path)
+    mergenet, loaded = cfg.arm_runs()[1], []
 
-    timer = threading.Timer(0.5, save)
-    timer.start()
-    try:
-        _, info = teacher_for_run(path=mergenet.teacher_path(), dataset="fashion-mnist", num_classes=10,
-                                  random=False, placebo=False, seed=0, wait=mergenet.await_teacher)
-    finally:
-        timer.cancel()
-    assert info.sha256 == state_checksum(model.state_dict()) and not cfg.teacher_pending
+    def load() -> None:  # the MergeNet arm as it starts
+        loaded.append(teacher_for_run(path=mergenet.teacher_path(), dataset="fashion-mnist", num_classes=10,
+                                      random=False, placebo=False, seed=0, wait=mergenet.await_teacher))
+
+    arm = threading.Thread(target=load, daemon=True)  # daemon: a wait that never ends fails, not hangs
+    arm.start()
+    time.sleep(0.5)
+    assert arm.is_alive() and not loaded  # still waiting
+    partial = tmp_path / "partial"  # saved as save_teacher does: the file appears whole
+    partial.write_bytes(source.read_bytes())
+    partial.replace(path)
+    arm.join(timeout=30)
+    assert not arm.is_alive() and not cfg.teacher_pending
+    assert loaded[0][1].sha256 == state_checksum(model.state_dict())
 
 
 def test_a_presets_own_missing_teacher_is_made_with_that_presets_recipe(tmp_path):
