@@ -243,9 +243,15 @@ class RunConfig:
         return any(run.fusion for run in self.arm_runs())
 
     @property
+    def teacher_missing(self) -> bool:
+        """Its teacher checkpoint is not there (yet): pretrained by the runner or the suite, or
+        by another process that this run awaits (``teacher_pending``)."""
+        return not self.random_teacher and not self.teacher_path().is_file()
+
+    @property
     def teacher_pending(self) -> bool:
         """Its teacher checkpoint is still being pretrained elsewhere: each arm waits for it as it starts."""
-        return self.await_teacher and self.fuses and not self.random_teacher and not self.teacher_path().is_file()
+        return self.await_teacher and self.fuses and self.teacher_missing
 
     # --- Flower run config -------------------------------------------------------------
     def to_run_config(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def ensure_teacher(cfg: RunConfig, echo: bool = True) -> Path:
     """The checkpoint the runs need: created when missing, and the user is told so; left to
     the process pretraining it with --await-teacher (the run waits for it as it loads it)."""
     path = cfg.teacher_path()
-    if cfg.random_teacher or path.is_file() or cfg.await_teacher:
+    if not cfg.teacher_missing or cfg.await_teacher:
         return path
     if echo:
         print(f"teacher checkpoint {path} is missing: pretraining it now ({cfg.teacher_epochs} epoch(s) "

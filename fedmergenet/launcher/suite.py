@@ -62,11 +62,6 @@ class Unit:
         return f"{self.name} -> {self.cfg.output_dir}"
 
 
-def must_pretrain(cfg: RunConfig) -> bool:
-    """The suite's teacher checkpoint is missing: the suite pretrains it."""
-    return not cfg.random_teacher and not cfg.teacher_path().is_file()
-
-
 def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: bool = False,
                 jobs: int = 1) -> list[Unit]:
     """A missing teacher's pretraining, every seed's federated run, then every seed's three
@@ -74,7 +69,7 @@ def suite_units(cfg: RunConfig, seeds: list[int], root: Path, cotrain_teacher: b
     seed's federated run (three arms long) starting when the others are nearly done and running
     on alone. Side by side the teacher runs beside the first ``jobs`` arms, which wait for it."""
     teacher = []
-    if must_pretrain(cfg):
+    if cfg.teacher_missing:
         teacher = [Unit("teacher", cfg, "teacher", beside=jobs > 1)]
         cfg = cfg.replace(await_teacher=jobs > 1)
     federated, central = [], []
@@ -101,10 +96,11 @@ def run_suite(cfg: RunConfig, seeds: list[int], root: Path = Path("results/suite
     for seed in seeds:
         validate(cfg.replace(seed=seed))  # each seed's runs, checked before any of them starts
     cfg = check_run(cfg, root, teacher=False)  # the teacher may still have to be pretrained
-    if must_pretrain(cfg):  # before arms start beside its pretraining
+    pretrain = cfg.teacher_missing
+    if pretrain:  # before arms start beside its pretraining
         writable_dir(cfg.teacher_path().parent, "teacher checkpoint folder")
     if echo:
-        beside = ", the teacher's pretraining beside them" if must_pretrain(cfg) else ""
+        beside = ", the teacher's pretraining beside them" if pretrain else ""
         side = f" (one arm at a time: {jobs} side by side take less{beside})" if jobs > 1 else ""
         print(suite_estimate(cfg, len(seeds)).describe() + side, flush=True)
     # One teacher for every arm and seed (the comparison's constant); the runner's processes
@@ -186,7 +182,7 @@ def suite_estimate(cfg: RunConfig, seeds: int) -> Estimate:
     from ..experiments.baseline import union_of_client_data
 
     teacher_images = 0
-    if must_pretrain(cfg):
+    if cfg.teacher_missing:
         teacher_images = len(train_set(teacher_data_config(cfg)))
     return estimate_suite(cfg, seeds, train_images=len(union_of_client_data(cfg)), test_images=len(test_set(cfg)),
                           num_classes=train_set(cfg).num_classes, teacher_images=teacher_images)
